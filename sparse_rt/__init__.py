@@ -1,0 +1,1 @@
+"""sparse-rt: split computing for PyTorch over ZeroMQ."""
