@@ -1,0 +1,99 @@
+"""The header frame: a small JSON object that says what the other frames are.
+
+JSON keeps the header readable in a packet capture and easy to produce from
+any language; it is parsed by the standard library's parser only (no
+objects, no code) and then checked field by field against :data:`SCHEMAS`.
+Unknown fields are refused, so a typo never passes silently.
+docs/PROTOCOL.md is the normative description of every field.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from sparse_rt.errors import WireError
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 4096
+MAX_ID = 2**63 - 1
+
+Check = Callable[[Any], bool]
+
+
+def _int(lo: int = 0, hi: int = MAX_ID) -> Check:
+    return lambda v: type(v) is int and lo <= v <= hi
+
+
+def _str(max_len: int = 256) -> Check:
+    return lambda v: type(v) is str and 0 < len(v) <= max_len
+
+
+def _one_of(*choices: Any) -> Check:
+    return lambda v: type(v) in (str, bool) and v in choices
+
+
+def _shape(rank: int) -> Check:
+    return lambda v: type(v) is list and len(v) == rank and all(type(d) is int and 0 <= d <= 2**31 for d in v)
+
+
+_is_bool: Check = lambda v: type(v) is bool
+_is_number: Check = lambda v: type(v) in (int, float) and v == v and abs(v) != float("inf")
+
+# Fields every message has. The codecs' wire names are listed in codecs.CODEC_NAMES;
+# they are checked against the codec registry when the data frame is decoded.
+COMMON: dict[str, Check] = {"v": _int(PROTOCOL_VERSION, PROTOCOL_VERSION), "kind": _str(16), "id": _int()}
+
+_TENSOR = {"session": _str(64), "codec": _str(16), "lz4": _is_bool}
+
+SCHEMAS: dict[str, dict[str, Check]] = {
+    "hello": {
+        "pipeline": _str(),
+        "channels": _int(1, 65535),
+        "budget": _int(1, 65535),
+        "codec": _str(16),
+        "lz4": _is_bool,
+        "mode": _one_of("train", "infer"),
+    },
+    "welcome": {"session": _str(64)},
+    "train": {**_TENSOR, "step": _int(), "channels": _int(1, 65535), "shape": _shape(4),
+              "label_dtype": _one_of("uint8", "uint16", "int32", "int64")},
+    "infer": {**_TENSOR, "channels": _int(1, 65535), "shape": _shape(4)},
+    "grad": {**_TENSOR, "step": _int(), "shape": _shape(4), "loss": _is_number},
+    "pred": {"session": _str(64), "shape": _shape(2)},
+    "error": {"code": _str(64), "message": _str(2048)},
+}
+
+
+def encode_header(fields: dict[str, Any]) -> bytes:
+    """Serialise a header; ``v`` is filled in. Used only for trusted, local data."""
+    return json.dumps({"v": PROTOCOL_VERSION, **fields}, separators=(",", ":")).encode()
+
+
+def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
+    """Parse and validate a header frame, or raise WireError saying what is wrong."""
+    if len(frame) > MAX_HEADER_BYTES:
+        raise WireError(f"header frame is {len(frame)} bytes, the limit is {MAX_HEADER_BYTES}", "bad_header")
+    try:
+        fields = json.loads(bytes(frame))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise WireError(f"header frame is not UTF-8 JSON: {exc}", "bad_header") from None
+    if type(fields) is not dict:
+        raise WireError(f"header must be a JSON object, got {type(fields).__name__}", "bad_header")
+    version = fields.get("v")
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        raise WireError(f"protocol version {version!r} is not supported; this peer speaks {PROTOCOL_VERSION}",
+                        "bad_version")
+    kind = fields.get("kind")
+    if kind not in SCHEMAS:
+        raise WireError(f"unknown message kind {kind!r}; expected one of {', '.join(SCHEMAS)}", "bad_kind")
+    schema = {**COMMON, **SCHEMAS[kind]}
+    missing = [name for name in schema if name not in fields]
+    if missing:
+        raise WireError(f"'{kind}' header lacks field(s) {', '.join(missing)}", "bad_header")
+    unknown = [name for name in fields if name not in schema]
+    if unknown:
+        raise WireError(f"'{kind}' header has unknown field(s) {', '.join(map(str, unknown))}", "bad_header")
+    for name, check in schema.items():
+        if not check(fields[name]):
+            raise WireError(f"'{kind}' header field '{name}' has invalid value {fields[name]!r}", "bad_header")
+    return fields
