@@ -1,0 +1,202 @@
+"""The learned compression at the cut (Mudvari et al., 2023, section 3.1).
+
+The edge's :class:`Compressor` optionally lowers the resolution of the cut
+activation, multiplies every channel by a learned filter value
+``f = sigmoid(f_hat)`` and keeps exactly the ``budget`` channels with the
+largest ``f``. Only those channels leave the edge. The server's
+:class:`Decompressor` scatters them back into ``channels`` maps (the others
+are zero) and restores the exact input resolution.
+
+Two flaws of the published code are avoided here:
+
+* The budget never leaks through ties: selection is an exact top-B with a
+  deterministic tie-break (lower channel index wins), never more than B.
+* The filter really learns which channels matter. A channel that is never
+  sent gets no task gradient, so a deterministic top-B keeps whatever its
+  initialisation picked. While training, the selection is therefore drawn
+  by Gumbel-top-B on the filter logits (sampling B channels without
+  replacement from ``softmax(f_hat)``): every channel is tried now and then,
+  the ones that help the task get their ``f`` raised, and as the logits
+  separate the draw settles on them. The draw's temperature is annealed to 0
+  over the first half of training (:func:`annealed_exploration`), so head
+  and tail then specialise on one fixed choice; on digits_cnn at 4 of 32
+  channels a constant temperature ends at 0.65-0.89 test accuracy, the
+  annealed one at 0.97-0.99. Evaluation uses the exact top-B. Either way
+  exactly B channels' bytes are sent.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Beyond this exponent the prune loss continues linearly instead of
+# exponentially, so a budget far from sum(f) (e.g. right after a deprune
+# budget raise) gives a large but finite gradient instead of inf.
+_EXP_CAP = 20.0
+
+
+@dataclass(frozen=True)
+class PruneLossWeights:
+    """Weights of pruneLoss = exp(delta*(sum f - B)) + lam*exp(-delta*(sum f - B)).
+
+    The total edge loss is ``task loss + epsilon * pruneLoss``. With
+    ``lam = 1`` the minimum is at ``sum f = B``: the filter spends its mass on
+    as many channels as it may send. ``delta`` sets how sharply a surplus or
+    deficit of one channel is felt; 0.5 keeps the gradient of a few
+    channels' surplus comparable to the task gradient at ``epsilon = 0.05``.
+    These defaults learn the informative channels in tests/test_compression.py.
+    """
+
+    delta: float = 0.5
+    lam: float = 1.0
+    epsilon: float = 0.05
+
+
+def _exp_then_linear(z: torch.Tensor) -> torch.Tensor:
+    capped = torch.clamp(z, max=_EXP_CAP)
+    return torch.where(z <= _EXP_CAP, torch.exp(capped), math.exp(_EXP_CAP) * (1.0 + z - _EXP_CAP))
+
+
+def prune_loss(f: torch.Tensor, budget: int, weights: PruneLossWeights = PruneLossWeights()) -> torch.Tensor:
+    """The paper's budget penalty on the filter values ``f`` (already weighted by epsilon)."""
+    surplus = weights.delta * (f.sum() - budget)
+    return weights.epsilon * (_exp_then_linear(surplus) + weights.lam * _exp_then_linear(-surplus))
+
+
+def top_budget(scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices of the ``budget`` largest scores, ascending; ties go to the lower index.
+
+    ``torch.topk`` gives no guarantee on ties; a stable descending sort does.
+    """
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return torch.sort(order[:budget]).values
+
+
+def annealed_exploration(progress: float, start: float = 1.0, until: float = 0.5) -> float:
+    """Gumbel temperature at ``progress`` (0 = start of training, 1 = end): linear from ``start`` to 0 at ``until``."""
+    return start * max(0.0, 1.0 - progress / until)
+
+
+def resolution_output_size(size: int, resolution: int) -> int:
+    """Side length after the resolution conv (kernel 2+r, stride r, padding r)."""
+    if resolution == 0:
+        return size
+    return (size + 2 * resolution - (2 + resolution)) // resolution + 1
+
+
+class Compressor(nn.Module):
+    """Edge side of the cut: resolution conv, learned filter, top-B selection.
+
+    ``forward`` returns the sent channels ``(N, B, h, w)`` and their indices.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        budget: int,
+        resolution: int = 0,
+        exploration: float = 1.0,  # Gumbel temperature of the training draw; 0 = exact top-B
+        weights: PruneLossWeights = PruneLossWeights(),
+    ) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        if resolution < 0:
+            raise ValueError(f"resolution must be >= 0 (0 = keep the resolution), got {resolution}")
+        self.channels = channels
+        self.resolution = resolution
+        self.exploration = exploration
+        self.weights = weights
+        self.reduce: nn.Module = (
+            nn.Sequential(
+                nn.Conv2d(channels, channels, 2 + resolution, stride=resolution, padding=resolution),
+                nn.BatchNorm2d(channels),
+            )
+            if resolution
+            else nn.Identity()
+        )
+        self.filter_logits = nn.Parameter(torch.zeros(channels))
+        self.budget = budget
+        self.reset_filter()
+
+    @property
+    def budget(self) -> int:
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: int) -> None:
+        if not 1 <= value <= self.channels:
+            raise ValueError(f"budget must be between 1 and {self.channels} channels, got {value}")
+        self._budget = int(value)
+
+    def reset_filter(self, mask: torch.Tensor | None = None) -> None:
+        """Start filter entries at sum(f) = budget, so the prune loss starts at its minimum.
+
+        All entries are equal: no channel is favoured by chance before training.
+        ``mask`` (bool, one per channel) limits the reset to some entries.
+        """
+        start = min(self._budget / self.channels, 0.99)
+        with torch.no_grad():
+            value = torch.full_like(self.filter_logits, math.log(start / (1 - start)))
+            if mask is None:
+                self.filter_logits.copy_(value)
+            else:
+                self.filter_logits[mask] = value[mask]
+
+    def filter_values(self) -> torch.Tensor:
+        """f = sigmoid(f_hat), one value per channel."""
+        return torch.sigmoid(self.filter_logits)
+
+    def select(self) -> torch.Tensor:
+        """The channels to send for the next batch (ascending indices, exactly ``budget``)."""
+        scores = self.filter_logits.detach()
+        if self.training and self.exploration > 0 and self._budget < self.channels:
+            uniform = torch.rand_like(scores).clamp_(1e-9, 1 - 1e-9)
+            scores = scores - self.exploration * torch.log(-torch.log(uniform))
+        return top_budget(scores, self._budget)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        reduced = self.reduce(x)
+        indices = self.select().to(reduced.device)
+        f = self.filter_values()[indices]
+        return reduced.index_select(1, indices) * f.view(1, -1, 1, 1), indices
+
+    def prune_loss(self) -> torch.Tensor:
+        return prune_loss(self.filter_values(), self._budget, self.weights)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return resolution_output_size(height, self.resolution), resolution_output_size(width, self.resolution)
+
+
+class Decompressor(nn.Module):
+    """Server side of the cut: scatter B channels into C and restore the resolution.
+
+    Restoring uses a transposed conv with the compressor's kernel, stride and
+    padding, told the cut's exact (height, width): for kernel 2+r, stride r,
+    padding r its natural output is H - ((H + r - 2) mod r), always within
+    r - 1 of H, so ``output_size`` reaches every size; no pooling hides a mismatch.
+    """
+
+    def __init__(self, channels: int, height: int, width: int, resolution: int = 0) -> None:
+        super().__init__()
+        self.channels = channels
+        self.size = (height, width)
+        self.resolution = resolution
+        self.restore: nn.ConvTranspose2d | None = None
+        self.norm: nn.Module = nn.Identity()
+        if resolution:
+            self.restore = nn.ConvTranspose2d(
+                channels, channels, 2 + resolution, stride=resolution, padding=resolution
+            )
+            self.norm = nn.BatchNorm2d(channels)
+
+    def forward(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        batch = values.shape[0]
+        full = values.new_zeros(batch, self.channels, *values.shape[2:])
+        full = full.index_copy(1, indices.to(values.device), values)
+        if self.restore is not None:
+            full = self.norm(self.restore(full, output_size=list(self.size)))
+        return full
