@@ -1,0 +1,120 @@
+"""A server and an edge in one process, joined by a real ZeroMQ socket.
+
+The quickest way to run a model split: everything a deployment does (the
+handshake, the codec, every byte through a socket) without a second process.
+`sparse-rt run` is built on it; so is the example in examples/.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from typing import Iterable
+
+import torch
+import zmq.asyncio
+from torch import nn
+
+from sparse_rt.model.compression import PruneLossWeights
+from sparse_rt.model.sides import build_sides
+from sparse_rt.runtime.edge import EdgeSession, SessionSettings
+from sparse_rt.runtime.server import SplitServer
+from sparse_rt.stages.head import HeadStage
+from sparse_rt.stages.optimizer import build_optimizer
+from sparse_rt.stages.source import Batch
+from sparse_rt.stages.tail import TailStage
+from sparse_rt.transport.connection import Traffic, bind_router, connect_dealer
+from sparse_rt.transport.link import RequestLink
+
+
+def local_address(transport: str) -> str:
+    """A fresh address on this machine: inproc:// (same process) or an ipc:// socket file."""
+    if transport == "ipc":
+        return f"ipc://{os.path.join(tempfile.gettempdir(), f'sparse-rt-{uuid.uuid4().hex[:12]}.sock')}"
+    return f"inproc://sparse-rt-{uuid.uuid4().hex}"
+
+
+def count_outputs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Classes the model predicts, measured with a dummy sample."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        outputs = model(torch.zeros(1, *input_shape)).shape[-1]
+    model.train(was_training)
+    return int(outputs)
+
+
+class SplitPair:
+    """``model`` cut after ``cut``: head + compressor on an edge, decompressor + tail on a server.
+
+    Use ``async with SplitPair(...) as pair`` and call :meth:`train_step`,
+    :meth:`infer`, :meth:`train_epoch`, :meth:`evaluate`. Each side gets its
+    own optimizer over its own parameters; ``budget=None`` sends all channels.
+    """
+
+    def __init__(self, model: nn.Module, cut: str, input_shape: tuple[int, int, int], *, budget: int | None = None,
+                 codec: str = "fp32", lz4: bool = False, resolution: int = 0, optimizer: str = "adam",
+                 lr: float = 1e-3, weight_decay: float = 0.0, transport: str = "inproc", name: str = "custom",
+                 request_timeout: float = 60.0, weights: PruneLossWeights = PruneLossWeights()) -> None:
+        num_classes = count_outputs(model, input_shape)
+        self.edge_model, self.server_model, self.cut = build_sides(model, cut, input_shape, budget, resolution,
+                                                                   weights)
+        self.budget = self.edge_model.compressor.budget
+        self.name = name
+        self.address = local_address(transport)
+        self._context = zmq.asyncio.Context()
+        tail = TailStage(self.server_model, build_optimizer(self.server_model.parameters(), optimizer, lr,
+                                                            weight_decay))
+        self.server = SplitServer(name, tail, self.cut, num_classes, bind_router(self._context, self.address))
+        head = HeadStage(self.edge_model, build_optimizer(self.edge_model.parameters(), optimizer, lr, weight_decay))
+        self.link = RequestLink(connect_dealer(self._context, self.address), self.address, request_timeout)
+        self.edge = EdgeSession(head, self.link,
+                                SessionSettings(name, self.cut.channels, self.budget, codec, lz4))
+        self._serving: asyncio.Task[None] | None = None
+
+    @property
+    def traffic(self) -> Traffic:
+        """Bytes the edge's socket sent (up) and received (down) so far."""
+        return self.link.connection.traffic
+
+    async def start(self) -> "SplitPair":
+        self._serving = asyncio.create_task(self.server.serve(), name="server")
+        await self.edge.open()
+        return self
+
+    async def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return await self.edge.train_step(x, y)
+
+    async def infer(self, x: torch.Tensor) -> torch.Tensor:
+        return await self.edge.infer(x)
+
+    async def train_epoch(self, loader: Iterable[Batch], on_batch=None) -> float:
+        return await self.edge.train_epoch(loader, on_batch)
+
+    async def evaluate(self, loader: Iterable[Batch]) -> float:
+        return await self.edge.evaluate(loader)
+
+    async def close(self) -> None:
+        await self.link.close()
+        self.edge.close()
+        if self._serving is not None:
+            self._serving.cancel()
+            await asyncio.gather(self._serving, return_exceptions=True)
+        self.server.connection.close()
+        self._context.term()
+        if self.address.startswith("ipc://"):
+            try:
+                os.unlink(self.address.removeprefix("ipc://"))
+            except FileNotFoundError:
+                pass
+
+    async def __aenter__(self) -> "SplitPair":
+        try:
+            return await self.start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()

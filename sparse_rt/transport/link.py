@@ -1,0 +1,82 @@
+"""An edge's request/reply link to the server over one DEALER socket.
+
+Every request carries an id; one reader task hands each reply to the request
+waiting for that id, so several requests may be in flight on one socket.
+A request without a reply within ``timeout`` fails with a clear error
+instead of hanging (ZeroMQ connects lazily, so a missing server looks the
+same as a silent one).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any, Sequence
+
+import zmq
+
+from sparse_rt.errors import WireError
+from sparse_rt.transport.connection import Connection
+from sparse_rt.wire.header import decode_header
+
+log = logging.getLogger(__name__)
+
+
+class ServerUnreachable(ConnectionError):
+    """No reply came from the server in time."""
+
+
+class RequestLink:
+    """Send frames with an id, await the frames of the reply with that id."""
+
+    def __init__(self, connection: Connection, address: str, timeout: float = 60.0) -> None:
+        self.connection = connection
+        self.address = address
+        self.timeout = timeout
+        self._ids = itertools.count(1)  # 0 is reserved: "id unknown" in error replies
+        self._pending: dict[int, asyncio.Future[list[zmq.Frame]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    async def request(self, request_id: int, frames: Sequence[Any]) -> list[zmq.Frame]:
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read(), name=f"reader {self.address}")
+        reply = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = reply
+        try:
+            await self.connection.send(frames)
+            return await asyncio.wait_for(reply, self.timeout)
+        except asyncio.TimeoutError:
+            raise ServerUnreachable(
+                f"no reply from the server at {self.address} within {self.timeout:g} s; "
+                "is it running and reachable?"
+            ) from None
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _read(self) -> None:
+        while True:
+            _, frames = await self.connection.recv()
+            try:
+                request_id = decode_header(frames[0].bytes)["id"]
+            except WireError as exc:
+                log.warning("dropping an unreadable reply from %s: %s", self.address, exc)
+                continue
+            waiting = self._pending.get(request_id)
+            if waiting is None and request_id == 0 and len(self._pending) == 1:
+                waiting = next(iter(self._pending.values()))  # an error about a request the server could not read
+            if waiting is None or waiting.done():
+                log.warning("dropping a reply to unknown request %d from %s", request_id, self.address)
+                continue
+            waiting.set_result(frames)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        self.connection.close()

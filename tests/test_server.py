@@ -1,0 +1,183 @@
+"""The server over real ZeroMQ sockets: handshakes, error replies, exactly-once steps, byte counts."""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+
+from pipelines.digits_cnn import pipeline as digits
+from sparse_rt.errors import RemoteError
+from sparse_rt.model.sides import build_sides
+from sparse_rt.runtime.edge import EdgeSession, SessionSettings
+from sparse_rt.runtime.server import SplitServer
+from sparse_rt.stages.head import HeadStage
+from sparse_rt.stages.optimizer import build_optimizer
+from sparse_rt.stages.tail import TailStage
+from sparse_rt.transport.connection import bind_router, connect_dealer, frame_bytes
+from sparse_rt.transport.link import RequestLink, ServerUnreachable
+from sparse_rt.wire.messages import (Activations, ErrorReply, Gradients, Hello, Predictions, Welcome, decode_message,
+                                     encode_message)
+
+
+@pytest.fixture
+async def served(tmp_path):
+    """A digits_cnn server on an ipc:// socket, and a raw DEALER to poke it with."""
+    torch.manual_seed(0)
+    edge_model, server_model, cut = build_sides(digits.build_model(), digits.cut, digits.input_shape, budget=4)
+    tail = TailStage(server_model, build_optimizer(server_model.parameters(), "adam", 1e-3))
+    context = zmq.asyncio.Context()
+    address = f"ipc://{tmp_path}/server-{uuid.uuid4().hex[:8]}.sock"
+    server = SplitServer(digits.name, tail, cut, digits.num_classes, bind_router(context, address))
+    task = asyncio.create_task(server.serve())
+    raw = context.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(address)
+    yield server, raw, edge_model, cut, context, address
+    raw.close(linger=0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    server.connection.close()
+    context.term()
+
+
+async def _ask(raw, frames, timeout=10.0):
+    await raw.send_multipart(frames)
+    return decode_message(await asyncio.wait_for(raw.recv_multipart(), timeout))
+
+
+async def _open(raw, budget=4, codec="fp32", mode="train", pipeline="digits_cnn", channels=32):
+    return await _ask(raw, encode_message(Hello(1, pipeline, channels, budget, codec, False, mode)))
+
+
+def _batch(cut, budget=4, n=8, step=0, session="", labels=True, request_id=5):
+    values = torch.randn(n, budget, cut.sent_height, cut.sent_width)
+    y = torch.randint(0, 10, (n,)) if labels else None
+    return Activations(request_id, session, "fp32", False, cut.channels, torch.arange(budget), values, y, step)
+
+
+@pytest.mark.parametrize("hello, reason", [
+    (dict(pipeline="vgg11_cifar10"), "runs pipeline 'digits_cnn'"),
+    (dict(channels=64), "has 32 channels"),
+    (dict(budget=33, channels=32), "between 1 and 32"),
+    (dict(codec="bf16"), "unknown codec"),
+])
+async def test_mismatched_handshake_is_refused_with_the_reason(served, hello, reason):
+    server, raw, *_ = served
+    reply = await _open(raw, **hello)
+    assert isinstance(reply, ErrorReply) and reply.code == "handshake_refused"
+    assert reason in reply.message
+    assert isinstance(await _open(raw), Welcome)  # still serving
+
+
+async def test_training_step_and_inference_over_the_socket(served):
+    server, raw, edge_model, cut, *_ = served
+    session = (await _open(raw)).session
+    request = _batch(cut, session=session)
+    grad = await _ask(raw, encode_message(request))
+    assert isinstance(grad, Gradients) and grad.id == request.id
+    assert torch.equal(grad.indices, request.indices) and grad.values.shape == request.values.shape
+    assert grad.values.abs().sum() > 0 and grad.loss > 0
+    pred = await _ask(raw, encode_message(_batch(cut, session=session, labels=False)))
+    assert isinstance(pred, Predictions) and pred.logits.shape == (8, 10)
+    assert server.stats.steps_applied == 1 and server.stats.inferences == 1
+
+
+async def test_a_resent_step_is_answered_again_but_applied_once(served):
+    server, raw, _, cut, *_ = served
+    session = (await _open(raw)).session
+    request = _batch(cut, session=session, step=0)
+    first = await _ask(raw, encode_message(request))
+    weights = [p.detach().clone() for p in server.tail.model.parameters()]
+    again = await _ask(raw, encode_message(request))
+    assert server.stats.steps_applied == 1
+    assert torch.equal(first.values, again.values)
+    assert all(torch.equal(a, b) for a, b in zip(weights, server.tail.model.parameters()))
+    following = await _ask(raw, encode_message(_batch(cut, session=session, step=1)))
+    assert isinstance(following, Gradients) and server.stats.steps_applied == 2
+    older = await _ask(raw, encode_message(_batch(cut, session=session, step=0)))
+    assert isinstance(older, ErrorReply) and older.code == "stale_step"
+
+
+async def test_bad_messages_get_error_replies_and_the_server_keeps_serving(served):
+    server, raw, _, cut, *_ = served
+    session = (await _open(raw)).session
+    header = json.loads(bytes(encode_message(_batch(cut, session=session))[0]))
+    cases = [
+        ([b"not json"], "bad_header"),
+        ([json.dumps({**header, "v": 99}).encode()], "bad_version"),
+        (encode_message(_batch(cut, session="nobody")), "unknown_session"),
+        (encode_message(_batch(cut, budget=5, session=session)), "bad_budget"),
+        ([json.dumps({**header, "shape": [8, 4, 3, 3]}).encode(), *encode_message(_batch(cut, session=session))[1:]],
+         "bad_message"),
+        (encode_message(Activations(5, session, "fp32", False, 32, torch.arange(4), torch.randn(8, 4, 2, 2),
+                                    torch.zeros(8, dtype=torch.long))), "bad_shape"),
+        (encode_message(Activations(5, session, "fp32", False, 32, torch.arange(4), torch.randn(2, 4, 4, 4),
+                                    torch.tensor([3, 12]))), "bad_labels"),
+        (encode_message(Activations(5, session, "int8", False, 32, torch.arange(4), torch.randn(2, 4, 4, 4),
+                                    torch.tensor([3, 1]))), "bad_codec"),
+        (encode_message(Welcome(5, session)), "bad_kind"),
+    ]
+    for frames, code in cases:
+        reply = await _ask(raw, frames)
+        assert isinstance(reply, ErrorReply), code
+        assert reply.code == code, reply.message
+    assert server.stats.errors == len(cases)
+    assert isinstance(await _ask(raw, encode_message(_batch(cut, session=session))), Gradients)
+
+
+async def test_an_inference_session_may_not_train(served):
+    _, raw, _, cut, *_ = served
+    session = (await _open(raw, mode="infer")).session
+    reply = await _ask(raw, encode_message(_batch(cut, session=session)))
+    assert isinstance(reply, ErrorReply) and reply.code == "wrong_mode"
+
+
+async def test_bytes_are_counted_at_the_socket_per_direction(served):
+    server, _, edge_model, cut, context, address = served
+    link = RequestLink(connect_dealer(context, address), address, timeout=10)
+    head = HeadStage(edge_model, build_optimizer(edge_model.parameters(), "adam", 1e-3))
+    edge = EdgeSession(head, link, SessionSettings("digits_cnn", cut.channels, 4))
+    try:
+        await edge.open()
+        await edge.train_step(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))
+        traffic = link.connection.traffic
+        assert traffic.messages_sent == traffic.messages_received == 2
+        assert traffic.bytes_sent == server.connection.traffic.bytes_received
+        assert traffic.bytes_received == server.connection.traffic.bytes_sent
+        hello = encode_message(Hello(1, "digits_cnn", 32, 4, "fp32", False, "train"))
+        step_payload = 16 * 4 * 4 * 4 * 4  # N x B x h x w float32
+        assert traffic.bytes_sent > frame_bytes(hello) + step_payload
+        assert traffic.bytes_sent < frame_bytes(hello) + step_payload + 400  # headers, indices, labels
+    finally:
+        await link.close()
+        edge.close()
+
+
+async def test_a_refused_request_raises_remote_error_on_the_edge(served):
+    _, _, edge_model, cut, context, address = served
+    link = RequestLink(connect_dealer(context, address), address, timeout=10)
+    head = HeadStage(edge_model, build_optimizer(edge_model.parameters(), "adam", 1e-3))
+    edge = EdgeSession(head, link, SessionSettings("other_pipeline", cut.channels, 4))
+    try:
+        with pytest.raises(RemoteError, match="handshake_refused"):
+            await edge.open()
+    finally:
+        await link.close()
+        edge.close()
+
+
+async def test_an_edge_without_a_server_fails_after_its_timeout(tmp_path):
+    context = zmq.asyncio.Context()
+    address = f"ipc://{tmp_path}/nobody.sock"
+    link = RequestLink(connect_dealer(context, address), address, timeout=0.3)
+    try:
+        with pytest.raises(ServerUnreachable, match="no reply from the server"):
+            await link.request(1, encode_message(Hello(1, "digits_cnn", 32, 4, "fp32", False, "train")))
+    finally:
+        await link.close()
+        context.term()
