@@ -1,1 +1,63 @@
-"""sparse-rt: split computing for PyTorch over ZeroMQ."""
+"""sparse-rt: split computing for PyTorch over ZeroMQ.
+
+The public API, importable from here. Names load on first use, so the
+command line starts without importing torch for ``--help``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    # splitting and the compression at the cut
+    "split_model": "sparse_rt.model.split",
+    "cut_points": "sparse_rt.model.split",
+    "SplitModel": "sparse_rt.model.split",
+    "Compressor": "sparse_rt.model.compression",
+    "Decompressor": "sparse_rt.model.compression",
+    "PruneLossWeights": "sparse_rt.model.compression",
+    "build_sides": "sparse_rt.model.sides",
+    # pipelines and runs
+    "Pipeline": "sparse_rt.pipeline",
+    "get_pipeline": "sparse_rt.pipeline",
+    "RunConfig": "sparse_rt.config",
+    "run_local": "sparse_rt.runtime.local",
+    "RunSummary": "sparse_rt.runtime.local",
+    "SplitPair": "sparse_rt.runtime.pair",
+    # wire
+    "get_codec": "sparse_rt.wire.codecs",
+    "CODEC_NAMES": "sparse_rt.wire.codecs",
+    # errors
+    "SparseRtError": "sparse_rt.errors",
+    "WireError": "sparse_rt.errors",
+    "SplitError": "sparse_rt.errors",
+    "DataError": "sparse_rt.errors",
+    "ConfigError": "sparse_rt.errors",
+    "RemoteError": "sparse_rt.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sparse_rt' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # let type checkers and IDEs see the real names
+    from sparse_rt.config import RunConfig
+    from sparse_rt.errors import ConfigError, DataError, RemoteError, SparseRtError, SplitError, WireError
+    from sparse_rt.model.compression import Compressor, Decompressor, PruneLossWeights
+    from sparse_rt.model.sides import build_sides
+    from sparse_rt.model.split import SplitModel, cut_points, split_model
+    from sparse_rt.pipeline import Pipeline, get_pipeline
+    from sparse_rt.runtime.local import RunSummary, run_local
+    from sparse_rt.runtime.pair import SplitPair
+    from sparse_rt.wire.codecs import CODEC_NAMES, get_codec
