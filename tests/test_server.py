@@ -137,11 +137,16 @@ async def test_an_inference_session_may_not_train(served):
     assert isinstance(reply, ErrorReply) and reply.code == "wrong_mode"
 
 
-async def test_bytes_are_counted_at_the_socket_per_direction(served):
-    server, _, edge_model, cut, context, address = served
+def _edge(served, pipeline: str = "digits_cnn") -> tuple[EdgeSession, RequestLink]:
+    _, _, edge_model, cut, context, address = served
     link = RequestLink(connect_dealer(context, address), address, timeout=10)
     head = HeadStage(edge_model, build_optimizer(edge_model.parameters(), "adam", 1e-3))
-    edge = EdgeSession(head, link, SessionSettings("digits_cnn", cut.channels, 4))
+    return EdgeSession(head, link, SessionSettings(pipeline, cut.channels, 4)), link
+
+
+async def test_bytes_are_counted_at_the_socket_per_direction(served):
+    server = served[0]
+    edge, link = _edge(served)
     try:
         await edge.open()
         await edge.train_step(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))
@@ -159,10 +164,7 @@ async def test_bytes_are_counted_at_the_socket_per_direction(served):
 
 
 async def test_a_refused_request_raises_remote_error_on_the_edge(served):
-    _, _, edge_model, cut, context, address = served
-    link = RequestLink(connect_dealer(context, address), address, timeout=10)
-    head = HeadStage(edge_model, build_optimizer(edge_model.parameters(), "adam", 1e-3))
-    edge = EdgeSession(head, link, SessionSettings("other_pipeline", cut.channels, 4))
+    edge, link = _edge(served, pipeline="other_pipeline")
     try:
         with pytest.raises(RemoteError, match="handshake_refused"):
             await edge.open()

@@ -58,32 +58,26 @@ class Connection:
         self.socket.close(linger=0)
 
 
-def _socket(context: zmq.asyncio.Context, kind: int, max_message_bytes: int | None) -> zmq.asyncio.Socket:
+def _open(context: zmq.asyncio.Context, kind: int, attach: str, address: str,
+          max_message_bytes: int | None) -> Connection:
     socket = context.socket(kind)
     socket.setsockopt(zmq.LINGER, 0)
     if max_message_bytes is not None:
         # Per frame; bigger frames make ZeroMQ drop the connection instead of allocating.
         socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-    return socket
+    try:
+        getattr(socket, attach)(address)
+    except zmq.ZMQError as exc:
+        socket.close(linger=0)
+        raise OSError(f"cannot {attach} {address}: {exc}") from None
+    return Connection(socket)
 
 
 def bind_router(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None) -> Connection:
     """The server's socket. A bind failure names the address."""
-    socket = _socket(context, zmq.ROUTER, max_message_bytes)
-    try:
-        socket.bind(address)
-    except zmq.ZMQError as exc:
-        socket.close(linger=0)
-        raise OSError(f"cannot bind {address}: {exc}") from None
-    return Connection(socket)
+    return _open(context, zmq.ROUTER, "bind", address, max_message_bytes)
 
 
 def connect_dealer(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None) -> Connection:
     """An edge's socket. Connecting is lazy in ZeroMQ: a missing server shows up as a timeout."""
-    socket = _socket(context, zmq.DEALER, max_message_bytes)
-    try:
-        socket.connect(address)
-    except zmq.ZMQError as exc:
-        socket.close(linger=0)
-        raise OSError(f"cannot connect to {address}: {exc}") from None
-    return Connection(socket)
+    return _open(context, zmq.DEALER, "connect", address, max_message_bytes)
