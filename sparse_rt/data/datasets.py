@@ -36,7 +36,7 @@ CIFAR10_NORMALISATION = Normalisation(mean=(0.4914, 0.4822, 0.4465), std=(0.2023
 CIFAR10_SUBSET_ENV = "SPARSE_RT_CIFAR10_SUBSET"
 _CIFAR10_SUBSET_FILE = Path("shared", "data", "cifar10-subset.npz")
 _SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
-_TORCHVISION_LAYOUT = {  # what each torchvision dataset needs under --data-root
+_TORCHVISION_LAYOUT = {  # what each torchvision dataset needs under its root directory
     "cifar10": "cifar-10-batches-py/ (CIFAR-10 python version)",
     "stl10": "stl10_binary/",
     "imagefolder": "train/CLASS/IMAGE and test/CLASS/IMAGE",
@@ -156,7 +156,7 @@ def _find_cifar10_subset() -> Path:
             return candidate
     looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
     raise DataError(f"CIFAR-10 subset not found (looked in ${CIFAR10_SUBSET_ENV} and at {looked}); "
-                    f"pass --data FILE.npz, set ${CIFAR10_SUBSET_ENV}, or use torchvision's CIFAR10 with --data-root")
+                    f"pass --data FILE.npz, set ${CIFAR10_SUBSET_ENV}, or point $SPARSE_RT_CIFAR10_ROOT at the full CIFAR-10 (torchvision layout)")
 
 
 def load_torchvision(name: str, root: str | Path, input_shape: Shape,
@@ -188,7 +188,7 @@ def load_torchvision(name: str, root: str | Path, input_shape: Shape,
         # torchvision's RuntimeError suggests download=True, which does not apply here.
         reason = f" ({exc})" if isinstance(exc, FileNotFoundError) else ""
         raise DataError(f"{name}: not found under {root.resolve()}{reason}; expected {_TORCHVISION_LAYOUT[name]} "
-                        f"there (nothing is downloaded): put it there or pass another --data-root") from None
+                        f"there (nothing is downloaded): put it there or pass another root") from None
     if getattr(train, "classes", None) != getattr(test, "classes", None):
         raise DataError(f"{name}: {root}/train has classes {train.classes} but {root}/test has {test.classes}; "
                         f"both need the same class folders")
@@ -199,7 +199,7 @@ def load_torchvision(name: str, root: str | Path, input_shape: Shape,
 
 def _materialise(dataset: Dataset, name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     if len(dataset) == 0:
-        raise DataError(f"{name}: the {split} split holds no images; add some or pick another --data-root")
+        raise DataError(f"{name}: the {split} split holds no images; add some or pick another root")
     batches = list(DataLoader(dataset, batch_size=256, shuffle=False))
     x = torch.cat([b[0] for b in batches]).float()
     y = torch.cat([torch.as_tensor(b[1]) for b in batches]).long()
