@@ -130,6 +130,15 @@ async def test_bad_messages_get_error_replies_and_the_server_keeps_serving(serve
     assert isinstance(await _ask(raw, encode_message(_batch(cut, session=session))), Gradients)
 
 
+async def test_an_error_echoing_long_escaped_text_still_fits_the_header_limit(served):
+    _, raw, *_ = served
+    hello = {"v": 1, "kind": "hello", "id": 3, "pipeline": "digits_cnn", "channels": 32, "budget": 4,
+             "codec": "fp32", "lz4": False, "mode": "é" * 1500}  # 3 KB as UTF-8, 9 KB once \u-escaped
+    reply = await _ask(raw, [json.dumps(hello, ensure_ascii=False).encode()])
+    assert isinstance(reply, ErrorReply) and reply.code == "bad_header" and reply.id == 0
+    assert isinstance(await _open(raw), Welcome)
+
+
 async def test_an_inference_session_may_not_train(served):
     _, raw, _, cut, *_ = served
     session = (await _open(raw, mode="infer")).session

@@ -26,7 +26,7 @@ from sparse_rt.model.sides import CutShape
 from sparse_rt.stages.tail import TailStage
 from sparse_rt.transport.connection import Connection
 from sparse_rt.wire.codecs import CODEC_NAMES
-from sparse_rt.wire.header import decode_header
+from sparse_rt.wire.header import MAX_HEADER_BYTES, decode_header
 from sparse_rt.wire.messages import (Activations, ErrorReply, Gradients, Hello, Message, Predictions, Welcome,
                                      decode_message, encode_message)
 
@@ -59,7 +59,13 @@ class ServerStats:
 
 
 def error_frames(request_id: int | None, code: str, text: str) -> list[Any]:
-    return encode_message(ErrorReply(request_id or 0, code, text[:MAX_ERROR_TEXT]))
+    """An error reply whose header fits the limit even when escaping lengthens a peer's echoed text."""
+    text = text[:MAX_ERROR_TEXT]
+    while True:
+        frames = encode_message(ErrorReply(request_id or 0, code, text))
+        if len(frames[0]) <= MAX_HEADER_BYTES:
+            return frames
+        text = text[: len(text) // 2]
 
 
 class SplitServer:
