@@ -54,7 +54,7 @@ def test_other_kinds_round_trip():
     assert (decoded.values - grad.values).abs().max() < 0.05
     logits = torch.randn(5, 10)
     assert torch.equal(decode_message(_frames(Predictions(1, "s", logits))).logits, logits)
-    for message in (Hello(1, "digits_cnn", 32, 4, "fp16", False, "train"), Welcome(1, "s"),
+    for message in (Hello(1, "digits_cnn", 32, 4, "fp16", False, "train", 2), Welcome(1, "s"),
                     ErrorReply(3, "bad_shape", "no")):
         assert decode_message(_frames(message)) == message
 

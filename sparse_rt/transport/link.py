@@ -2,9 +2,9 @@
 
 Every request carries an id; one reader task hands each reply to the request
 waiting for that id, so several requests may be in flight on one socket.
-A request without a reply within ``timeout`` fails with a clear error
-instead of hanging (ZeroMQ connects lazily, so a missing server looks the
-same as a silent one).
+A request without a reply within ``timeout`` is resent ``retries`` times,
+then fails with a clear error instead of hanging (ZeroMQ connects lazily, so
+a missing server looks the same as a silent one).
 """
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ class ServerUnreachable(ConnectionError):
 class RequestLink:
     """Send frames with an id, await the frames of the reply with that id."""
 
-    def __init__(self, connection: Connection, address: str, timeout: float = 60.0) -> None:
+    def __init__(self, connection: Connection, address: str, timeout: float = 60.0, retries: int = 0) -> None:
         self.connection = connection
         self.address = address
         self.timeout = timeout
+        self.retries = retries
         self._ids = itertools.count(1)  # 0 is reserved: "id unknown" in error replies
         self._pending: dict[int, asyncio.Future[list[zmq.Frame]]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -41,20 +42,31 @@ class RequestLink:
         return next(self._ids)
 
     async def request(self, request_id: int, frames: Sequence[Any]) -> list[zmq.Frame]:
+        """Send, and resend up to ``retries`` times while no reply comes (the ZeroMQ guide's Lazy Pirate).
+
+        Resending is safe: the server answers a repeated training step again
+        without applying it twice.
+        """
         if self._reader is None:
             self._reader = asyncio.create_task(self._read(), name=f"reader {self.address}")
         reply = asyncio.get_running_loop().create_future()
         self._pending[request_id] = reply
         try:
-            await self.connection.send(frames)
-            return await asyncio.wait_for(reply, self.timeout)
-        except asyncio.TimeoutError:
+            for attempt in range(self.retries + 1):
+                await self.connection.send(frames)
+                try:
+                    return await asyncio.wait_for(asyncio.shield(reply), self.timeout)
+                except asyncio.TimeoutError:
+                    if attempt < self.retries:
+                        log.warning("no reply to request %d from %s within %g s; resending (%d of %d)",
+                                    request_id, self.address, self.timeout, attempt + 1, self.retries)
             raise ServerUnreachable(
-                f"no reply from the server at {self.address} within {self.timeout:g} s; "
-                "is it running and reachable?"
-            ) from None
+                f"no reply from the server at {self.address} after {self.retries + 1} tries of "
+                f"{self.timeout:g} s; is it running and reachable?"
+            )
         finally:
             self._pending.pop(request_id, None)
+            reply.cancel()
 
     async def _read(self) -> None:
         while True:
@@ -67,8 +79,8 @@ class RequestLink:
             waiting = self._pending.get(request_id)
             if waiting is None and request_id == 0 and len(self._pending) == 1:
                 waiting = next(iter(self._pending.values()))  # an error about a request the server could not read
-            if waiting is None or waiting.done():
-                log.warning("dropping a reply to unknown request %d from %s", request_id, self.address)
+            if waiting is None or waiting.done():  # e.g. the second answer to a resent request
+                log.debug("dropping a reply to no waiting request (%d) from %s", request_id, self.address)
                 continue
             waiting.set_result(frames)
 

@@ -53,6 +53,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
         "codec": _str(16),
         "lz4": _is_bool,
         "mode": _one_of("train", "infer"),
+        "resolution": _int(0, 255),
     },
     "welcome": {"session": _str(64)},
     "train": {**_TENSOR, "step": _int(), "channels": _int(1, 65535), "shape": _shape(4),

@@ -38,6 +38,7 @@ class Hello:
     codec: str
     lz4: bool
     mode: str  # "train" or "infer"
+    resolution: int = 0  # resolution compression r at the cut; both sides must use the same
 
 
 @dataclass
@@ -201,7 +202,7 @@ def _decode_body(fields: dict[str, Any], frames: Sequence[Any]) -> Message:
         return Predictions(rid, fields["session"], torch.from_numpy(logits))
     if kind == "hello":
         return Hello(rid, fields["pipeline"], fields["channels"], fields["budget"], fields["codec"], fields["lz4"],
-                     fields["mode"])
+                     fields["mode"], fields["resolution"])
     if kind == "welcome":
         return Welcome(rid, fields["session"])
     return ErrorReply(rid, fields["code"], fields["message"])
