@@ -50,8 +50,8 @@ async def _ask(raw, frames, timeout=10.0):
     return decode_message(await asyncio.wait_for(raw.recv_multipart(), timeout))
 
 
-async def _open(raw, budget=4, codec="fp32", mode="train", pipeline="digits_cnn", channels=32):
-    return await _ask(raw, encode_message(Hello(1, pipeline, channels, budget, codec, False, mode)))
+async def _open(raw, budget=4, codec="fp32", mode="train", pipeline="digits_cnn", channels=32, resolution=0):
+    return await _ask(raw, encode_message(Hello(1, pipeline, channels, budget, codec, False, mode, resolution)))
 
 
 def _batch(cut, budget=4, n=8, step=0, session="", labels=True, request_id=5):
@@ -65,6 +65,7 @@ def _batch(cut, budget=4, n=8, step=0, session="", labels=True, request_id=5):
     (dict(channels=64), "has 32 channels"),
     (dict(budget=33, channels=32), "between 1 and 32"),
     (dict(codec="bf16"), "unknown codec"),
+    (dict(resolution=2), "restores resolution r=0"),
 ])
 async def test_mismatched_handshake_is_refused_with_the_reason(served, hello, reason):
     server, raw, *_ = served
@@ -133,7 +134,7 @@ async def test_bad_messages_get_error_replies_and_the_server_keeps_serving(serve
 async def test_an_error_echoing_long_escaped_text_still_fits_the_header_limit(served):
     _, raw, *_ = served
     hello = {"v": 1, "kind": "hello", "id": 3, "pipeline": "digits_cnn", "channels": 32, "budget": 4,
-             "codec": "fp32", "lz4": False, "mode": "é" * 1500}  # 3 KB as UTF-8, 9 KB once \u-escaped
+             "codec": "fp32", "lz4": False, "mode": "é" * 1500, "resolution": 0}  # 3 KB as UTF-8, 9 KB once \u-escaped
     reply = await _ask(raw, [json.dumps(hello, ensure_ascii=False).encode()])
     assert isinstance(reply, ErrorReply) and reply.code == "bad_header" and reply.id == 0
     assert isinstance(await _open(raw), Welcome)

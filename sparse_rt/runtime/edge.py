@@ -13,8 +13,10 @@ from typing import Any, Callable, Iterable, TypeVar
 import torch
 
 from sparse_rt.errors import RemoteError, WireError
+from sparse_rt.runtime.metrics import MetricsLog, StageTimer
 from sparse_rt.stages.head import HeadStage, Sent
 from sparse_rt.stages.source import Batch, batches
+from sparse_rt.transport.connection import frame_bytes
 from sparse_rt.transport.link import RequestLink
 from sparse_rt.wire.messages import (Activations, ErrorReply, Gradients, Hello, Message, Predictions, Welcome,
                                      decode_message, encode_message)
@@ -32,15 +34,22 @@ class SessionSettings:
     codec: str = "fp32"
     lz4: bool = False
     mode: str = "train"
+    resolution: int = 0
 
 
 class EdgeSession:
-    """One edge's session with the server: training steps and inference requests."""
+    """One edge's session with the server: training steps and inference requests.
 
-    def __init__(self, head: HeadStage, link: RequestLink, settings: SessionSettings) -> None:
+    With a :class:`MetricsLog`, every message is recorded with its bytes and
+    the milliseconds spent in each stage (head, encode, wait, decode, backward).
+    """
+
+    def __init__(self, head: HeadStage, link: RequestLink, settings: SessionSettings,
+                 metrics: MetricsLog | None = None) -> None:
         self.head = head
         self.link = link
         self.settings = settings
+        self.metrics = metrics or MetricsLog(None)
         self.session_id: str | None = None
         self.steps = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head")
@@ -48,54 +57,72 @@ class EdgeSession:
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def _exchange(self, request_id: int, frames: list[Any], expected: type) -> Message:
-        reply = await self._off_loop(decode_message, await self.link.request(request_id, frames))
+    @staticmethod
+    def _decode(frames: list[Any], expected: type, timer: StageTimer) -> Message:
+        with timer.stage("decode"):
+            reply = decode_message(frames)
         if isinstance(reply, ErrorReply):
             raise RemoteError(reply.code, reply.message)
         if not isinstance(reply, expected):
             raise WireError(f"expected a {expected.__name__} reply, got {type(reply).__name__}", "bad_kind")
         return reply
 
+    async def _exchange(self, request_id: int, frames: list[Any], expected: type, timer: StageTimer,
+                        kind: str, **fields: Any) -> Message:
+        with timer.stage("wait"):
+            raw = await self.link.request(request_id, frames)
+        reply = await self._off_loop(self._decode, raw, expected, timer)
+        self.metrics.record(timer, kind=kind, id=request_id, bytes_up=frame_bytes(frames),
+                            bytes_down=frame_bytes(raw), **fields)
+        return reply
+
     async def open(self) -> str:
-        """Handshake: the server checks pipeline, channels, budget and codec, or refuses with a reason."""
+        """Handshake: the server checks pipeline, channels, budget, resolution and codec, or refuses with a reason."""
         s = self.settings
         request_id = self.link.next_id()
-        hello = Hello(request_id, s.pipeline, s.channels, s.budget, s.codec, s.lz4, s.mode)
-        welcome = await self._exchange(request_id, encode_message(hello), Welcome)
+        hello = Hello(request_id, s.pipeline, s.channels, s.budget, s.codec, s.lz4, s.mode, s.resolution)
+        welcome = await self._exchange(request_id, encode_message(hello), Welcome, StageTimer(), "hello")
         self.session_id = welcome.session
         return welcome.session
 
-    def _activations(self, request_id: int, values: torch.Tensor, indices: torch.Tensor,
-                     labels: torch.Tensor | None) -> list[Any]:
+    def _encode(self, request_id: int, values: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor | None,
+                timer: StageTimer) -> list[Any]:
         assert self.session_id is not None, "open() the session first"
-        message = Activations(request_id, self.session_id, self.settings.codec, self.settings.lz4,
-                              self.settings.channels, indices, values.detach(), labels, self.steps)
-        return encode_message(message)
+        with timer.stage("encode"):
+            return encode_message(Activations(request_id, self.session_id, self.settings.codec, self.settings.lz4,
+                                              self.settings.channels, indices, values.detach(), labels, self.steps))
 
-    def _forward_train(self, request_id: int, x: torch.Tensor, y: torch.Tensor) -> tuple[Sent, list[Any]]:
-        sent = self.head.forward_train(x)
-        return sent, self._activations(request_id, sent.values, sent.indices, y)
+    def _forward_train(self, request_id: int, x: torch.Tensor, y: torch.Tensor,
+                       timer: StageTimer) -> tuple[Sent, list[Any]]:
+        with timer.stage("head"):
+            sent = self.head.forward_train(x)
+        return sent, self._encode(request_id, sent.values, sent.indices, y, timer)
+
+    def _backward(self, sent: Sent, grad: torch.Tensor, timer: StageTimer) -> None:
+        with timer.stage("backward"):
+            self.head.backward(sent, grad)
 
     async def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One split-learning step; returns the server's task loss for the batch."""
-        request_id = self.link.next_id()
-        sent, frames = await self._off_loop(self._forward_train, request_id, x, y)
-        reply = await self._exchange(request_id, frames, Gradients)
+        timer, request_id = StageTimer(), self.link.next_id()
+        sent, frames = await self._off_loop(self._forward_train, request_id, x, y, timer)
+        reply = await self._exchange(request_id, frames, Gradients, timer, "train", step=self.steps, samples=len(y))
         if not torch.equal(reply.indices, sent.indices) or reply.values.shape != sent.values.shape:
             raise WireError("the gradient reply does not match the channels sent", "bad_reply")
-        await self._off_loop(self.head.backward, sent, reply.values)
+        await self._off_loop(self._backward, sent, reply.values, timer)
         self.steps += 1
         return reply.loss
 
-    def _forward_infer(self, request_id: int, x: torch.Tensor) -> list[Any]:
-        values, indices = self.head.forward_infer(x)
-        return self._activations(request_id, values, indices, None)
+    def _forward_infer(self, request_id: int, x: torch.Tensor, timer: StageTimer) -> list[Any]:
+        with timer.stage("head"):
+            values, indices = self.head.forward_infer(x)
+        return self._encode(request_id, values, indices, None, timer)
 
     async def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for the batch, computed by the server's tail."""
-        request_id = self.link.next_id()
-        frames = await self._off_loop(self._forward_infer, request_id, x)
-        reply = await self._exchange(request_id, frames, Predictions)
+        timer, request_id = StageTimer(), self.link.next_id()
+        frames = await self._off_loop(self._forward_infer, request_id, x, timer)
+        reply = await self._exchange(request_id, frames, Predictions, timer, "infer", samples=len(x))
         return reply.logits
 
     async def train_epoch(self, loader: Iterable[Batch], on_batch: Callable[[int, float], None] | None = None) -> float:
@@ -108,14 +135,28 @@ class EdgeSession:
                 on_batch(len(y), loss)
         return total / max(count, 1)
 
-    async def evaluate(self, loader: Iterable[Batch]) -> float:
-        """Accuracy of split inference over ``loader``."""
-        correct, count = 0, 0
-        async for x, y in batches(loader):
-            logits = await self.infer(x)
-            correct += int((logits.argmax(dim=1) == y).sum())
-            count += len(y)
-        return correct / max(count, 1)
+    async def evaluate(self, loader: Iterable[Batch], inflight: int = 4) -> float:
+        """Accuracy of split inference over ``loader``, with up to ``inflight`` requests on the wire at once.
+
+        The head works on the next batch while earlier ones are on the network
+        or in the server's tail, so neither side waits for the other.
+        """
+        async def correct(x: torch.Tensor, y: torch.Tensor) -> int:
+            return int((await self.infer(x)).argmax(dim=1).eq(y).sum())
+
+        right, count, pending = 0, 0, set()
+        try:
+            async for x, y in batches(loader):
+                if len(pending) >= inflight:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    right += sum(task.result() for task in done)
+                pending.add(asyncio.create_task(correct(x, y)))
+                count += len(y)
+            right += sum(await asyncio.gather(*pending))
+        finally:
+            for task in pending:
+                task.cancel()
+        return right / max(count, 1)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

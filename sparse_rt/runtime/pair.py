@@ -70,7 +70,8 @@ class SplitPair:
         head = HeadStage(self.edge_model, build_optimizer(self.edge_model.parameters(), optimizer, lr, weight_decay))
         self.link = RequestLink(connect_dealer(self._context, self.address), self.address, request_timeout)
         self.edge = EdgeSession(head, self.link,
-                                SessionSettings(name, self.cut.channels, self.budget, codec, lz4))
+                                SessionSettings(name, self.cut.channels, self.budget, codec, lz4,
+                                                resolution=resolution))
         self._serving: asyncio.Task[None] | None = None
 
     @property

@@ -13,18 +13,21 @@ nothing a peer sends can stop the server.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
 from sparse_rt.errors import WireError
 from sparse_rt.model.sides import CutShape
+from sparse_rt.runtime.metrics import MetricsLog, StageTimer
 from sparse_rt.stages.tail import TailStage
-from sparse_rt.transport.connection import Connection
+from sparse_rt.transport.connection import Connection, frame_bytes
 from sparse_rt.wire.codecs import CODEC_NAMES
 from sparse_rt.wire.header import MAX_HEADER_BYTES, decode_header
 from sparse_rt.wire.messages import (Activations, ErrorReply, Gradients, Hello, Message, Predictions, Welcome,
@@ -72,15 +75,19 @@ class SplitServer:
     """Serves one pipeline's tail to every edge that completes the handshake."""
 
     def __init__(self, pipeline: str, tail: TailStage, cut: CutShape, num_classes: int,
-                 connection: Connection, queue_size: int = 16) -> None:
+                 connection: Connection, queue_size: int = 16, metrics: MetricsLog | None = None,
+                 after_step: Callable[[int], None] | None = None) -> None:
         self.pipeline = pipeline
+        self.resolution = tail.model.decompressor.resolution
         self.tail = tail
         self.cut = cut
         self.num_classes = num_classes
         self.connection = connection
         self.sessions: dict[str, Session] = {}
         self.stats = ServerStats()
-        self._queue: asyncio.Queue[tuple[bytes, list[zmq.Frame]]] = asyncio.Queue(queue_size)
+        self.metrics = metrics or MetricsLog(None)
+        self.after_step = after_step  # called in the worker thread with the count of applied steps
+        self._queue: asyncio.Queue[tuple[bytes, list[zmq.Frame], float]] = asyncio.Queue(queue_size)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
 
     async def serve(self) -> None:
@@ -105,7 +112,7 @@ class SplitServer:
         if fields["kind"] == "hello":
             await self.connection.send(self._handshake(route, frames), route)
         else:
-            await self._queue.put((route, frames))
+            await self._queue.put((route, frames, time.perf_counter()))
 
     async def _refuse(self, route: bytes, exc: WireError) -> None:
         self.stats.errors += 1
@@ -137,6 +144,8 @@ class SplitServer:
             return f"the cut has {self.cut.channels} channels here, the edge says {hello.channels}"
         if not 1 <= hello.budget <= self.cut.channels:
             return f"budget must be between 1 and {self.cut.channels} channels, got {hello.budget}"
+        if hello.resolution != self.resolution:
+            return f"this server restores resolution r={self.resolution}, the edge compresses with r={hello.resolution}"
         if hello.codec not in CODEC_NAMES:
             return f"unknown codec '{hello.codec}'; this server knows {', '.join(CODEC_NAMES)}"
         return None
@@ -144,19 +153,29 @@ class SplitServer:
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            route, frames = await self._queue.get()
-            reply = await loop.run_in_executor(self._executor, self._process, route, frames)
+            route, frames, queued = await self._queue.get()
+            timer = StageTimer()
+            timer.ms["queue"] = (time.perf_counter() - queued) * 1e3
+            reply = await loop.run_in_executor(self._executor, self._process, route, frames, timer)
             await self.connection.send(reply, route)
+            if self.metrics.enabled:
+                header = json.loads(bytes(memoryview(reply[0])))
+                self.metrics.record(timer, kind=header["kind"], id=header["id"], route=route.hex(),
+                                    bytes_in=frame_bytes(frames), bytes_out=frame_bytes(reply))
 
-    def _process(self, route: bytes, frames: list[zmq.Frame]) -> list[Any]:
+    def _process(self, route: bytes, frames: list[zmq.Frame], timer: StageTimer) -> list[Any]:
         """Decode, check against the session, run the tail, encode the reply (worker thread)."""
         request_id = None
         try:
-            message = decode_message(frames)
+            with timer.stage("decode"):
+                message = decode_message(frames)
             request_id = message.id
             if not isinstance(message, Activations):
                 raise WireError(f"a server does not accept '{type(message).__name__}' messages", "bad_kind")
-            return encode_message(self._apply(route, message))
+            with timer.stage("tail"):
+                reply = self._apply(route, message)
+            with timer.stage("encode"):
+                return encode_message(reply)
         except WireError as exc:
             self.stats.errors += 1
             log.warning("refused a message from %s: %s", route.hex(), exc)
@@ -209,4 +228,6 @@ class SplitServer:
                                        message.indices, grad, loss)
         self.stats.steps_applied += 1
         self.stats.steps_per_session[session.id] = self.stats.steps_per_session.get(session.id, 0) + 1
+        if self.after_step is not None:
+            self.after_step(self.stats.steps_applied)
         return session.last_reply
