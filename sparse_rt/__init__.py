@@ -22,7 +22,9 @@ _EXPORTS = {
     "get_pipeline": "sparse_rt.pipeline",
     "RunConfig": "sparse_rt.config",
     "run_local": "sparse_rt.runtime.local",
-    "RunSummary": "sparse_rt.runtime.local",
+    "RunSummary": "sparse_rt.runtime.summary",
+    "EdgeClient": "sparse_rt.runtime.client",
+    "SyncEdgeClient": "sparse_rt.runtime.client",
     "SplitPair": "sparse_rt.runtime.pair",
     # wire
     "get_codec": "sparse_rt.wire.codecs",
@@ -58,6 +60,8 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
     from sparse_rt.model.sides import build_sides
     from sparse_rt.model.split import SplitModel, cut_points, split_model
     from sparse_rt.pipeline import Pipeline, get_pipeline
-    from sparse_rt.runtime.local import RunSummary, run_local
+    from sparse_rt.runtime.client import EdgeClient, SyncEdgeClient
+    from sparse_rt.runtime.local import run_local
+    from sparse_rt.runtime.summary import RunSummary
     from sparse_rt.runtime.pair import SplitPair
     from sparse_rt.wire.codecs import CODEC_NAMES, get_codec

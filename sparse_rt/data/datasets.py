@@ -55,11 +55,19 @@ class TensorSplit:
     def loaders(self, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
         """Train loader shuffled by its own generator (same seed, same order); test loader in order."""
         generator = torch.Generator().manual_seed(seed)
+        # A last training batch of one sample is dropped: batch norm cannot train on a single sample.
         train = DataLoader(TensorDataset(self.x_train, self.y_train), batch_size=batch_size,
-                           shuffle=True, generator=generator, drop_last=False)
+                           shuffle=True, generator=generator, drop_last=len(self.y_train) % batch_size == 1)
         test = DataLoader(TensorDataset(self.x_test, self.y_test), batch_size=batch_size,
                           shuffle=False, drop_last=False)
         return train, test
+
+    def shard(self, k: int, n: int) -> "TensorSplit":
+        """The k-th of n interleaved parts of the training data (1-based), as one of n edges holds it.
+
+        Interleaving keeps the class mix of every shard; the test data stays whole.
+        """
+        return TensorSplit(self.x_train[k - 1::n], self.y_train[k - 1::n], self.x_test, self.y_test)
 
 
 def split_by_seed(x: torch.Tensor, y: torch.Tensor, seed: int,

@@ -1,0 +1,167 @@
+"""EdgeClient: the head of a split model inside an app, the tail on a sparse-rt server.
+
+    async with EdgeClient("digits_cnn", "tcp://127.0.0.1:5555", head_checkpoint="runs/head.pt") as edge:
+        logits = await edge.infer(images)
+
+:class:`SyncEdgeClient` offers the same for apps without an event loop; it
+runs one loop in a background thread. The edge node (`sparse-rt node --role
+edge`) is built on EdgeClient, so apps and nodes share one code path.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any, Coroutine, Iterable, TypeVar
+
+import torch
+import zmq.asyncio
+
+from sparse_rt.model.sides import CutShape, EdgeModel
+from sparse_rt.pipeline import Pipeline, get_pipeline
+from sparse_rt.runtime.build import edge_side
+from sparse_rt.runtime.checkpoint import read_checkpoint, save_checkpoint
+from sparse_rt.runtime.edge import EdgeSession, SessionSettings
+from sparse_rt.runtime.metrics import MetricsLog
+from sparse_rt.stages.head import HeadStage
+from sparse_rt.stages.optimizer import build_optimizer
+from sparse_rt.stages.source import Batch
+from sparse_rt.transport.connection import Traffic, connect_dealer
+from sparse_rt.transport.link import RequestLink
+
+T = TypeVar("T")
+
+
+class EdgeClient:
+    """Runs a pipeline's head (and compressor) here and asks the server at ``address`` for the rest.
+
+    ``head_checkpoint`` loads a trained head; its saved budget and resolution
+    are used unless given. ``mode="train"`` also lets :meth:`train_step`
+    train the head with the server's gradients.
+    """
+
+    def __init__(self, pipeline: str | Pipeline, address: str, *, mode: str = "infer", budget: int | None = None,
+                 codec: str = "fp32", lz4: bool = False, resolution: int | None = None, seed: int = 0,
+                 head_checkpoint: str | Path | None = None, lr: float | None = None, timeout: float = 30.0,
+                 retries: int = 2, metrics: Path | None = None) -> None:
+        self.pipeline = pipeline if isinstance(pipeline, Pipeline) else get_pipeline(pipeline)
+        self.address = address
+        self.mode = mode
+        checkpoint = read_checkpoint(head_checkpoint) if head_checkpoint is not None else None
+        meta = checkpoint.meta if checkpoint is not None else {}
+        if budget is None:
+            budget = meta.get("budget")
+        if resolution is None:
+            resolution = int(meta.get("resolution", self.pipeline.resolution))
+        self.edge_model, self.cut = edge_side(self.pipeline, seed, budget, resolution)
+        self.optimizer = build_optimizer(self.edge_model.parameters(), self.pipeline.optimizer,
+                                         lr or self.pipeline.lr, self.pipeline.weight_decay)
+        self.resumed = checkpoint.restore(self.edge_model, self.optimizer) if checkpoint is not None else {}
+        self.settings = SessionSettings(self.pipeline.name, self.cut.channels, self.edge_model.compressor.budget,
+                                        codec, lz4, mode, resolution)
+        self._timeout, self._retries, self._metrics_path = timeout, retries, metrics
+        self._context: zmq.asyncio.Context | None = None
+        self.session: EdgeSession | None = None
+
+    @property
+    def budget(self) -> int:
+        return self.edge_model.compressor.budget
+
+    @property
+    def traffic(self) -> Traffic:
+        """Bytes this client's socket sent (up) and received (down)."""
+        return self._session.link.connection.traffic
+
+    @property
+    def _session(self) -> EdgeSession:
+        if self.session is None:
+            raise RuntimeError("EdgeClient is not connected: use 'async with EdgeClient(...)' or await connect()")
+        return self.session
+
+    async def connect(self) -> "EdgeClient":
+        """Open the socket and the session (handshake); a refusal raises RemoteError with the server's reason."""
+        self._context = zmq.asyncio.Context()
+        link = RequestLink(connect_dealer(self._context, self.address), self.address, self._timeout, self._retries)
+        self.session = EdgeSession(HeadStage(self.edge_model, self.optimizer), link, self.settings,
+                                   MetricsLog(self._metrics_path))
+        try:
+            await self.session.open()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output (logits) for ``x``: head here, tail on the server."""
+        return await self._session.infer(x)
+
+    async def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One split training step (needs ``mode="train"``); returns the batch's loss."""
+        return await self._session.train_step(x, y)
+
+    async def evaluate(self, loader: Iterable[Batch], inflight: int = 4) -> float:
+        return await self._session.evaluate(loader, inflight)
+
+    def save(self, path: str | Path, **meta: Any) -> None:
+        """Checkpoint the head, the compressor and the optimizer, with the settings needed to reload them."""
+        save_checkpoint(path, self.edge_model, self.optimizer, pipeline=self.pipeline.name, budget=self.budget,
+                        resolution=self.settings.resolution, **meta)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.link.close()
+            self.session.close()
+            self.session.metrics.close()
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+
+    async def __aenter__(self) -> "EdgeClient":
+        return await self.connect()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+
+class SyncEdgeClient:
+    """EdgeClient for code without an event loop: same arguments, plain blocking methods.
+
+        with SyncEdgeClient("digits_cnn", "tcp://127.0.0.1:5555", head_checkpoint="runs/head.pt") as edge:
+            logits = edge.infer(images)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sparse-rt edge loop", daemon=True)
+        self._thread.start()
+        try:
+            self.client = EdgeClient(*args, **kwargs)
+            self._call(self.client.connect())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call(self.client.infer(x))
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return self._call(self.client.train_step(x, y))
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._call(self.client.close())
+            self._stop_loop()
+
+    def __enter__(self) -> "SyncEdgeClient":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
