@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from sparse_rt.config import TRANSPORTS, RunConfig
+from sparse_rt.config import MODES, ROLES, TRANSPORTS, RunConfig
 from sparse_rt.errors import SparseRtError
 from sparse_rt.wire.codecs import CODEC_NAMES
 
@@ -85,6 +85,70 @@ def run(pipeline: str, budget: int | None, epochs: int | None, codec: str, lz4: 
         click.echo(json.dumps(summary.to_dict()))
     else:
         _print_summary(summary)
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML file with the node's settings (see nodes/); options given here override it.")
+@click.option("--role", type=click.Choice(ROLES), help="server: serve the tail. edge: run the head.")
+@click.option("--pipeline", help="Pipeline name (see `sparse-rt pipelines`) or module:attribute.")
+@click.option("--bind", help="Server: address to bind, e.g. tcp://0.0.0.0:5555 (port * picks a free one).")
+@click.option("--connect", help="Edge: the server's address, e.g. tcp://192.168.1.10:5555.")
+@click.option("--mode", type=click.Choice(MODES), help="Edge: train the head, or only infer.  [default: train]")
+@click.option("--budget", type=click.IntRange(min=1), help="Edge: channels sent per sample (B). Default: all.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Edge: training epochs. Default: the pipeline's.")
+@click.option("--codec", type=click.Choice(CODEC_NAMES), help="Edge: fp32, fp16 or int8.  [default: fp32]")
+@click.option("--lz4/--no-lz4", default=None, help="Edge: lz4 on top of the codec.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Edge: your own .npz data instead of the pipeline's.")
+@click.option("--shard", help="Edge: train on the K-th of N parts of the training data, as K/N.")
+@click.option("--seed", type=int, help="Seed of the model's initial weights and the data split.  [default: 0]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Edge: samples per message. Default: the pipeline's.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate. Default: the pipeline's.")
+@click.option("--resolution", type=click.IntRange(0, 8), help="Resolution compression r; server and edges agree.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where this node keeps its state: the server its tail, an edge its head.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), help="Also save every N steps (0: only on stop).")
+@click.option("--resume/--no-resume", default=None, help="Start from --checkpoint.")
+@click.option("--metrics", type=click.Path(dir_okay=False, path_type=Path),
+              help="Append one JSON line per message (kind, bytes, milliseconds per stage) to this file.")
+@click.option("--max-batch", type=click.IntRange(min=1), help="Server: largest batch per message.  [default: 1024]")
+@click.option("--timeout", "request_timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Edge: seconds to wait for a reply before resending.  [default: 30]")
+@click.option("--retries", type=click.IntRange(min=0), help="Edge: resends before giving up.  [default: 2]")
+@click.option("--inflight", type=click.IntRange(min=1), help="Edge: inference requests in flight.  [default: 4]")
+@click.option("--json/--no-json", "json", default=None, help="Print one JSON summary object on stdout at the end.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="[default: info]")
+def node(config_file: Path | None, **options) -> None:
+    """Run one node: a server that trains and serves the tail, or an edge that
+    runs the head. Stop either with Ctrl-C or SIGTERM: it finishes its step,
+    saves its checkpoint and prints its summary.
+
+    \b
+    Examples:
+      sparse-rt node --role server --pipeline digits_cnn --bind tcp://127.0.0.1:5555
+      sparse-rt node --role edge --pipeline digits_cnn --connect tcp://127.0.0.1:5555 --budget 4
+      sparse-rt node --config nodes/edge.toml --epochs 3
+    """
+    import asyncio
+    import logging
+
+    from sparse_rt.config import load_node_config
+    from sparse_rt.runtime.node import run_edge_node, run_server_node
+
+    config = load_node_config(config_file, options)
+    logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s {config.role} %(levelname)s %(message)s")
+    if config.role == "server":
+        summary = asyncio.run(run_server_node(config))
+        if config.json:
+            click.echo(json.dumps(summary))
+        return
+    result, code = asyncio.run(run_edge_node(config))
+    if config.json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        _print_summary(result)
+    raise SystemExit(code)
 
 
 @cli.command("pipelines")

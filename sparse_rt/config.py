@@ -1,8 +1,10 @@
 """The one typed configuration of a run; the CLI and the tests build the same object."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tomllib
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from sparse_rt.errors import ConfigError
 from sparse_rt.wire.codecs import CODEC_NAMES
@@ -41,3 +43,105 @@ class RunConfig:
             raise ConfigError(f"resolution must be between 0 (off) and 8, got {self.resolution}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+
+
+ROLES = ("server", "edge")
+MODES = ("train", "infer")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One node process: a server or an edge. Read from TOML (``--config``) and the command line."""
+
+    role: str
+    pipeline: str
+    bind: str | None = None  # server: e.g. tcp://127.0.0.1:5555
+    connect: str | None = None  # edge: the server's address
+    mode: str = "train"  # edge: train the head with the server, or ask for predictions
+    budget: int | None = None
+    epochs: int | None = None
+    codec: str = "fp32"
+    lz4: bool = False
+    data: Path | None = None
+    seed: int = 0
+    batch_size: int | None = None
+    lr: float | None = None
+    resolution: int | None = None
+    shard: str | None = None  # edge: "K/N" trains on the K-th of N parts of the training data (1-based)
+    checkpoint: Path | None = None  # the server's tail or the edge's head, state_dict + optimizer
+    checkpoint_every: int = 0  # steps between periodic checkpoints; 0 = only on a clean stop
+    resume: bool = False  # start from the checkpoint
+    metrics: Path | None = None  # JSONL, one record per message
+    max_batch: int = 1024  # server: largest batch a message may carry; sets ZeroMQ's MAXMSGSIZE
+    request_timeout: float = 30.0  # edge: seconds to wait for one reply before retrying
+    retries: int = 2  # edge: resends of a request without reply before giving up
+    inflight: int = 4  # edge: inference requests in flight at once
+    json: bool = False  # print one JSON summary object on stdout at the end
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"role must be one of {', '.join(ROLES)}, got '{self.role}'")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        if self.role == "server" and not self.bind:
+            raise ConfigError("a server needs an address to bind, e.g. --bind tcp://127.0.0.1:5555")
+        if self.role == "edge" and not self.connect:
+            raise ConfigError("an edge needs the server's address, e.g. --connect tcp://127.0.0.1:5555")
+        if self.resume and self.checkpoint is None:
+            raise ConfigError("--resume needs --checkpoint PATH to resume from")
+        if self.shard is not None:
+            shard_index(self.shard)
+        for name in ("checkpoint_every", "retries"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("max_batch", "inflight"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.request_timeout > 0:
+            raise ConfigError(f"request_timeout must be positive, got {self.request_timeout}")
+        # the options shared with `sparse-rt run` are checked in one place
+        RunConfig(self.pipeline, self.budget, self.epochs, self.codec, self.lz4, self.data, self.seed,
+                  self.batch_size, self.lr, self.resolution)
+
+    def run_config(self) -> RunConfig:
+        return RunConfig(self.pipeline, self.budget, self.epochs, self.codec, self.lz4, self.data, self.seed,
+                         self.batch_size, self.lr, self.resolution, progress=False)
+
+
+def shard_index(shard: str) -> tuple[int, int]:
+    """'K/N' -> (K, N), 1 <= K <= N."""
+    try:
+        k, n = (int(part) for part in shard.split("/"))
+    except ValueError:
+        raise ConfigError(f"shard must look like K/N (e.g. 2/4), got '{shard}'") from None
+    if not 1 <= k <= n:
+        raise ConfigError(f"shard K/N needs 1 <= K <= N, got '{shard}'")
+    return k, n
+
+
+def load_node_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig:
+    """Settings from a TOML file, then the command line's options on top (``None`` = not given)."""
+    settings: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as file:
+                settings = tomllib.load(file)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        known = {f.name for f in fields(NodeConfig)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    for key in ("data", "checkpoint", "metrics"):
+        if settings.get(key) is not None:
+            settings[key] = Path(settings[key])
+    if "role" not in settings or "pipeline" not in settings:
+        raise ConfigError("a node needs --role and --pipeline (on the command line or in --config)")
+    try:
+        return NodeConfig(**settings)
+    except TypeError as exc:
+        raise ConfigError(f"invalid node settings: {exc}") from None

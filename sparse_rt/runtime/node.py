@@ -1,0 +1,147 @@
+"""`sparse-rt node`: one server process or one edge process.
+
+A server binds a ROUTER and trains one shared tail for every edge that
+connects; an edge trains its own head with it, or asks it for predictions.
+SIGINT or SIGTERM stops either cleanly: the current step finishes, the
+checkpoint is written (atomically), the summary is printed.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+import time
+from dataclasses import replace
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from sparse_rt.config import NodeConfig, shard_index
+from sparse_rt.pipeline import get_pipeline
+from sparse_rt.runtime.build import largest_frame, server_side
+from sparse_rt.runtime.checkpoint import read_checkpoint, save_checkpoint
+from sparse_rt.runtime.client import EdgeClient
+from sparse_rt.runtime.local import load_data
+from sparse_rt.runtime.metrics import MetricsLog
+from sparse_rt.runtime.server import SplitServer
+from sparse_rt.runtime.summary import RunSummary, summarize
+from sparse_rt.runtime.training import TrainingResult, train
+from sparse_rt.stages.optimizer import build_optimizer
+from sparse_rt.stages.tail import TailStage
+from sparse_rt.transport.connection import bind_router
+from sparse_rt.wire.header import MAX_HEADER_BYTES
+
+log = logging.getLogger("sparse_rt.node")
+
+EXIT_STOPPED = 130  # an edge stopped by a signal before finishing its epochs
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, so the node can finish its step and save before it exits."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def request_stop(signum: int) -> None:
+        log.info("received %s: stopping after the current step", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, request_stop, signum)
+    return stop
+
+
+async def run_server_node(config: NodeConfig) -> dict[str, Any]:
+    """Serve until SIGINT/SIGTERM; returns the server's summary."""
+    started = time.perf_counter()
+    pipeline = get_pipeline(config.pipeline)
+    resolution = pipeline.resolution if config.resolution is None else config.resolution
+    model, cut = server_side(pipeline, config.seed, resolution)
+    optimizer = build_optimizer(model.parameters(), pipeline.optimizer, config.lr or pipeline.lr,
+                                pipeline.weight_decay)
+    steps_before = 0
+    if config.resume:
+        steps_before = int(read_checkpoint(config.checkpoint).restore(model, optimizer).get("steps", 0))
+        log.info("resumed the tail from %s after %d steps", config.checkpoint, steps_before)
+
+    def save(steps_applied: int) -> None:
+        save_checkpoint(config.checkpoint, model, optimizer, pipeline=pipeline.name, resolution=resolution,
+                        steps=steps_before + steps_applied)
+
+    def after_step(steps_applied: int) -> None:
+        if config.checkpoint is not None and config.checkpoint_every and steps_applied % config.checkpoint_every == 0:
+            save(steps_applied)
+
+    context = zmq.asyncio.Context()
+    connection = bind_router(context, config.bind, max(largest_frame(cut, config.max_batch), MAX_HEADER_BYTES))
+    endpoint = connection.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    metrics = MetricsLog(config.metrics)
+    server = SplitServer(pipeline.name, TailStage(model, optimizer), cut, pipeline.num_classes, connection,
+                         metrics=metrics, after_step=after_step)
+    stop = stop_on_signals()
+    log.info("serving %s on %s: cut after '%s', %d channels of %dx%d (sent at %dx%d)", pipeline.name, endpoint,
+             pipeline.cut, cut.channels, cut.height, cut.width, cut.sent_height, cut.sent_width)
+    serving = asyncio.create_task(server.serve(), name="server")
+    stopping = asyncio.create_task(stop.wait(), name="stop")
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        serving.cancel()
+        outcome = (await asyncio.gather(serving, return_exceptions=True))[0]
+        if config.checkpoint is not None:
+            save(server.stats.steps_applied)
+            log.info("saved the tail to %s", config.checkpoint)
+        connection.close()
+        context.term()
+        metrics.close()
+    if isinstance(outcome, Exception):
+        raise outcome
+    stats = server.stats
+    log.info("stopped: %d steps applied, %d inferences, %d errors, %d sessions", stats.steps_applied,
+             stats.inferences, stats.errors, stats.sessions_opened)
+    return {"role": "server", "pipeline": pipeline.name, "address": endpoint, "steps_applied": stats.steps_applied,
+            "inferences": stats.inferences, "errors": stats.errors, "sessions_opened": stats.sessions_opened,
+            "steps_per_session": stats.steps_per_session, "bytes_in": connection.traffic.bytes_received,
+            "bytes_out": connection.traffic.bytes_sent, "seconds": round(time.perf_counter() - started, 3)}
+
+
+async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
+    """Train with (or ask predictions of) the server, evaluate; returns the summary and the exit code."""
+    started = time.perf_counter()
+    pipeline = get_pipeline(config.pipeline)
+    data = load_data(pipeline, config.run_config())
+    if config.shard is not None:
+        data = data.shard(*shard_index(config.shard))
+    epochs = config.epochs or pipeline.epochs
+    train_loader, test_loader = data.loaders(config.batch_size or pipeline.batch_size, config.seed)
+    client = EdgeClient(pipeline, config.connect, mode=config.mode, budget=config.budget, codec=config.codec,
+                        lz4=config.lz4, resolution=config.resolution, seed=config.seed,
+                        head_checkpoint=config.checkpoint if config.resume else None, lr=config.lr,
+                        timeout=config.request_timeout, retries=config.retries, metrics=config.metrics)
+    stop = stop_on_signals()
+    result = TrainingResult(math.nan, 0, False)
+    async with client:
+        log.info("connected to %s: %s session, %d of %d channels as %s%s", config.connect, config.mode,
+                 client.budget, client.cut.channels, config.codec, " + lz4" if config.lz4 else "")
+        if config.mode == "train":
+            def checkpoint(step: int, epoch: int) -> None:
+                if config.checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+                    client.save(config.checkpoint, epochs_done=epoch, steps=step)
+
+            first_epoch = int(client.resumed.get("epochs_done", 0))
+            result = await train(client.session, train_loader, epochs, samples_per_epoch=len(data.y_train),
+                                 first_epoch=first_epoch, progress=False, stop=stop, after_step=checkpoint)
+            if config.checkpoint is not None:
+                client.save(config.checkpoint, epochs_done=result.epochs_done, steps=client.session.steps)
+                log.info("saved the head to %s", config.checkpoint)
+        trained = replace(client.traffic)
+        accuracy = math.nan if result.stopped else await client.evaluate(test_loader, config.inflight)
+        summary = summarize(pipeline=pipeline.name, cut_name=pipeline.cut, cut=client.cut, budget=client.budget,
+                            codec=config.codec, lz4=config.lz4, resolution=client.settings.resolution,
+                            epochs=result.epochs_done, seed=config.seed, accuracy=accuracy, loss=result.loss,
+                            traffic=client.traffic, trained=trained, train_samples=len(data.y_train),
+                            test_samples=len(data.y_test), steps=client.session.steps, started=started)
+    log.info("done: test accuracy %.4f after %d steps", accuracy, summary.steps)
+    return summary, EXIT_STOPPED if result.stopped else 0
