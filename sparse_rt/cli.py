@@ -65,9 +65,13 @@ def _print_summary(summary) -> None:
               help="Resolution compression r at the cut (0 = off). Default: the pipeline's.")
 @click.option("--transport", type=click.Choice(TRANSPORTS), default="inproc", show_default=True,
               help="ZeroMQ transport between the edge and the server.")
+@click.option("--edges", type=click.IntRange(min=1),
+              help="Run a server process and this many edge processes over tcp on loopback, each edge with its "
+                   "own shard of the data, instead of both sides in one process.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results, nothing else.")
 def run(pipeline: str, budget: int | None, epochs: int | None, codec: str, lz4: bool, data: Path | None, seed: int,
-        batch_size: int | None, lr: float | None, resolution: int | None, transport: str, as_json: bool) -> None:
+        batch_size: int | None, lr: float | None, resolution: int | None, transport: str, edges: int | None,
+        as_json: bool) -> None:
     """Train PIPELINE split across a server and an edge on this machine, then
     evaluate split inference. Every sent channel crosses a real ZeroMQ socket.
 
@@ -75,16 +79,37 @@ def run(pipeline: str, budget: int | None, epochs: int | None, codec: str, lz4: 
     Examples:
       sparse-rt run digits_cnn --epochs 10
       sparse-rt run digits_cnn --budget 4 --codec int8 --json
+      sparse-rt run digits_cnn --edges 4
     """
-    from sparse_rt.runtime.local import run_local  # torch loads here, not for --help
-
     config = RunConfig(pipeline=pipeline, budget=budget, epochs=epochs, codec=codec, lz4=lz4, data=data, seed=seed,
                        batch_size=batch_size, lr=lr, resolution=resolution, transport=transport)
+    if edges is not None:
+        from sparse_rt.runtime.multi import run_edges
+
+        combined = run_edges(config, edges, echo=not as_json)
+        click.echo(json.dumps(combined) if as_json else _edges_table(combined))
+        return
+    from sparse_rt.runtime.local import run_local  # torch loads here, not for --help
+
     summary = run_local(config)
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
     else:
         _print_summary(summary)
+
+
+def _edges_table(combined: dict) -> str:
+    rows = [f"{combined['pipeline']}: {combined['edges']} edge processes and one server over tcp (loopback)",
+            f"  {'edge':>4}  {'accuracy':>8}  {'steps':>5}  {'bytes up':>12}  {'bytes down':>12}"]
+    for k, edge in enumerate(combined["per_edge"], 1):
+        rows.append(f"  {k:>4}  {edge['test_accuracy']:>8.4f}  {edge['steps']:>5}  {_human_bytes(edge['bytes_up']):>12}"
+                    f"  {_human_bytes(edge['bytes_down']):>12}")
+    total, server = combined["total"], combined["server"]
+    rows.append(f"  {'all':>4}  {total['mean_test_accuracy']:>8.4f}  {total['steps']:>5}  "
+                f"{_human_bytes(total['bytes_up']):>12}  {_human_bytes(total['bytes_down']):>12}")
+    rows.append(f"  server applied {server['steps_applied']} steps from {server['sessions_opened']} sessions, "
+                f"{server['errors']} errors; {combined['seconds']:.1f} s in all")
+    return "\n".join(rows)
 
 
 @cli.command()

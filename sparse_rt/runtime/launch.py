@@ -1,0 +1,86 @@
+"""Start `sparse-rt node` processes on this machine: `sparse-rt run --edges N` and the tests use it.
+
+Each node is a real child process (``python -m sparse_rt node ...``) talking
+tcp:// over loopback. A thread drains each child's log (stderr) so it can
+never block on a full pipe; the server's "serving ... on ADDRESS" line tells
+when it is ready and which port it bound.
+"""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any
+
+READY = re.compile(r"serving \S+ on (\S+?):? ")
+
+
+def node_arguments(options: dict[str, Any]) -> list[str]:
+    """{'budget': 4, 'lz4': True, 'data': None} -> ['--budget', '4', '--lz4']."""
+    arguments: list[str] = []
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        arguments += [flag] if value is True else [flag, str(value)]
+    return arguments
+
+
+class NodeProcess:
+    """One `sparse-rt node` child process; its log lines are kept in ``log`` (and echoed if asked)."""
+
+    def __init__(self, role: str, options: dict[str, Any], echo: str | None = None) -> None:
+        command = [sys.executable, "-m", "sparse_rt", "node", "--role", role, *node_arguments(options)]
+        self.role = role
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        self.address: str | None = None
+        self._ready = threading.Event()
+        self._echo = echo
+        self._drain = threading.Thread(target=self._read_log, name=f"{role} log", daemon=True)
+        self._drain.start()
+
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
+            if self._echo:
+                sys.stderr.write(f"[{self._echo}] {line}")
+            if self.address is None and (found := READY.search(line)):
+                self.address = found.group(1)
+                self._ready.set()
+        self._ready.set()  # the process ended: stop waiting for it
+
+    def wait_ready(self, timeout: float = 120.0) -> str:
+        """The address a server bound, once it serves; a server that died says why."""
+        self._ready.wait(timeout)
+        if self.address is None:
+            self.process.kill()
+            raise RuntimeError(f"the {self.role} node did not start serving within {timeout:g} s:\n"
+                               + "".join(self.log[-20:]))
+        return self.address
+
+    def stop(self) -> None:
+        """Ask for a clean stop, as Ctrl-C would."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def finish(self, timeout: float | None = None) -> tuple[int, str]:
+        """Wait for the process to end; its exit code and stdout."""
+        try:
+            stdout, _ = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            stdout, _ = self.process.communicate()
+        self._drain.join(timeout=5)
+        return self.process.returncode, stdout
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """The JSON summary the node printed (it must run with --json)."""
+        code, stdout = self.finish(timeout)
+        if code != 0 or not stdout.strip():
+            raise RuntimeError(f"the {self.role} node failed (exit code {code}):\n" + "".join(self.log[-20:]))
+        return json.loads(stdout)
