@@ -131,10 +131,12 @@ def load_node_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig
             raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-        known = {f.name for f in fields(NodeConfig)}
+        known = {f.name for f in fields(NodeConfig)} - {"request_timeout"} | {"timeout"}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if "timeout" in settings:  # the file's name for the CLI's --timeout
+        settings["request_timeout"] = settings.pop("timeout")
     settings.update({key: value for key, value in overrides.items() if value is not None})
     for key in ("data", "checkpoint", "metrics"):
         if settings.get(key) is not None:

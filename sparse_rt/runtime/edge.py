@@ -67,21 +67,21 @@ class EdgeSession:
             raise WireError(f"expected a {expected.__name__} reply, got {type(reply).__name__}", "bad_kind")
         return reply
 
-    async def _exchange(self, request_id: int, frames: list[Any], expected: type, timer: StageTimer,
-                        kind: str, **fields: Any) -> Message:
+    async def _exchange(self, request_id: int, frames: list[Any], expected: type,
+                        timer: StageTimer) -> tuple[Message, int]:
+        """Send, wait, decode; returns the reply and its size in bytes."""
         with timer.stage("wait"):
             raw = await self.link.request(request_id, frames)
-        reply = await self._off_loop(self._decode, raw, expected, timer)
-        self.metrics.record(timer, kind=kind, id=request_id, bytes_up=frame_bytes(frames),
-                            bytes_down=frame_bytes(raw), **fields)
-        return reply
+        return await self._off_loop(self._decode, raw, expected, timer), frame_bytes(raw)
 
     async def open(self) -> str:
         """Handshake: the server checks pipeline, channels, budget, resolution and codec, or refuses with a reason."""
         s = self.settings
         request_id = self.link.next_id()
         hello = Hello(request_id, s.pipeline, s.channels, s.budget, s.codec, s.lz4, s.mode, s.resolution)
-        welcome = await self._exchange(request_id, encode_message(hello), Welcome, StageTimer(), "hello")
+        frames, timer = encode_message(hello), StageTimer()
+        welcome, bytes_down = await self._exchange(request_id, frames, Welcome, timer)
+        self.metrics.record(timer, kind="hello", id=request_id, bytes_up=frame_bytes(frames), bytes_down=bytes_down)
         self.session_id = welcome.session
         return welcome.session
 
@@ -106,10 +106,12 @@ class EdgeSession:
         """One split-learning step; returns the server's task loss for the batch."""
         timer, request_id = StageTimer(), self.link.next_id()
         sent, frames = await self._off_loop(self._forward_train, request_id, x, y, timer)
-        reply = await self._exchange(request_id, frames, Gradients, timer, "train", step=self.steps, samples=len(y))
+        reply, bytes_down = await self._exchange(request_id, frames, Gradients, timer)
         if not torch.equal(reply.indices, sent.indices) or reply.values.shape != sent.values.shape:
             raise WireError("the gradient reply does not match the channels sent", "bad_reply")
         await self._off_loop(self._backward, sent, reply.values, timer)
+        self.metrics.record(timer, kind="train", id=request_id, step=self.steps, samples=len(y), loss=reply.loss,
+                            bytes_up=frame_bytes(frames), bytes_down=bytes_down)
         self.steps += 1
         return reply.loss
 
@@ -122,7 +124,9 @@ class EdgeSession:
         """Logits for the batch, computed by the server's tail."""
         timer, request_id = StageTimer(), self.link.next_id()
         frames = await self._off_loop(self._forward_infer, request_id, x, timer)
-        reply = await self._exchange(request_id, frames, Predictions, timer, "infer", samples=len(x))
+        reply, bytes_down = await self._exchange(request_id, frames, Predictions, timer)
+        self.metrics.record(timer, kind="infer", id=request_id, samples=len(x), bytes_up=frame_bytes(frames),
+                            bytes_down=bytes_down)
         return reply.logits
 
     async def train_epoch(self, loader: Iterable[Batch], on_batch: Callable[[int, float], None] | None = None) -> float:
