@@ -155,3 +155,16 @@ def test_node_config_file_with_command_line_overrides(tmp_path):
     with pytest.raises(SystemExit) as info:
         main(["node", "--config", str(bad)])
     assert info.value.code == 2
+
+
+def test_run_with_edges_prints_one_combined_summary():
+    sparse_rt = str(Path(sys.executable).with_name("sparse-rt"))
+    done = subprocess.run([sparse_rt, "run", "digits_cnn", "--edges", "2", "--epochs", "3", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    combined = json.loads(done.stdout)
+    assert combined["edges"] == 2 and len(combined["per_edge"]) == 2
+    assert combined["server"]["steps_applied"] == combined["total"]["steps"] == sum(
+        edge["steps"] for edge in combined["per_edge"])
+    assert combined["total"]["bytes_up"] == sum(edge["bytes_up"] for edge in combined["per_edge"])
+    assert combined["total"]["min_test_accuracy"] >= 0.8
