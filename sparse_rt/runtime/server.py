@@ -13,7 +13,6 @@ nothing a peer sends can stop the server.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
@@ -158,13 +157,16 @@ class SplitServer:
             timer.ms["queue"] = (time.perf_counter() - queued) * 1e3
             reply = await loop.run_in_executor(self._executor, self._process, route, frames, timer)
             await self.connection.send(reply, route)
-            if self.metrics.enabled:
-                header = json.loads(bytes(memoryview(reply[0])))
-                self.metrics.record(timer, kind=header["kind"], id=header["id"], route=route.hex(),
-                                    bytes_in=frame_bytes(frames), bytes_out=frame_bytes(reply))
 
     def _process(self, route: bytes, frames: list[zmq.Frame], timer: StageTimer) -> list[Any]:
-        """Decode, check against the session, run the tail, encode the reply (worker thread)."""
+        """Answer one message and record it (worker thread)."""
+        kind, request_id, reply = self._answer(route, frames, timer)
+        self.metrics.record(timer, kind=kind, id=request_id, route=route.hex(), bytes_in=frame_bytes(frames),
+                            bytes_out=frame_bytes(reply))
+        return reply
+
+    def _answer(self, route: bytes, frames: list[zmq.Frame], timer: StageTimer) -> tuple[str, int | None, list[Any]]:
+        """Decode, check against the session, run the tail, encode: (reply kind, request id, reply frames)."""
         request_id = None
         try:
             with timer.stage("decode"):
@@ -175,15 +177,16 @@ class SplitServer:
             with timer.stage("tail"):
                 reply = self._apply(route, message)
             with timer.stage("encode"):
-                return encode_message(reply)
+                return ("grad" if isinstance(reply, Gradients) else "pred"), request_id, encode_message(reply)
         except WireError as exc:
             self.stats.errors += 1
             log.warning("refused a message from %s: %s", route.hex(), exc)
-            return error_frames(exc.request_id or request_id, exc.code, str(exc))
+            return "error", request_id, error_frames(exc.request_id or request_id, exc.code, str(exc))
         except Exception as exc:  # a bug must not take down everyone's server
             self.stats.errors += 1
             log.exception("failed on a message from %s", route.hex())
-            return error_frames(request_id, "internal", f"server error: {type(exc).__name__}: {exc}")
+            return "error", request_id, error_frames(request_id, "internal",
+                                                     f"server error: {type(exc).__name__}: {exc}")
 
     def _session_for(self, route: bytes, message: Activations) -> Session:
         session = self.sessions.get(message.session)
