@@ -98,6 +98,102 @@ def run(pipeline: str, budget: int | None, epochs: int | None, codec: str, lz4: 
         _print_summary(summary)
 
 
+def _shared_training_options(command):
+    """Options every `sparse-rt train` method takes, as in `sparse-rt run`."""
+    for option in reversed([
+        click.argument("pipeline"),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+                     help="Directory for metrics.csv, summary.json (and the model set, for prune)."),
+        click.option("--codec", type=click.Choice(CODEC_NAMES), default="fp32", show_default=True,
+                     help="How sent values are packed."),
+        click.option("--lz4", is_flag=True, help="lz4 on top of the codec."),
+        click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Your own .npz data instead of the pipeline's."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, split and order."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Default: the pipeline's."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Base learning rate."),
+        click.option("--resolution", type=click.IntRange(0, 8), help="Resolution compression r at the cut."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _run_schedule(method: str, plan_for, pipeline: str, out: Path, **options) -> None:
+    import asyncio
+
+    from sparse_rt.runtime.scheduled import run_schedule
+
+    summary = asyncio.run(run_schedule(method, RunConfig(pipeline=pipeline, **options), plan_for, out))
+    click.echo(json.dumps(summary))
+
+
+@cli.group("train")
+def train_group() -> None:
+    """Train with a schedule: the paper's deprune and prune, or a fixed budget (baselines).
+
+    Every run writes OUT/metrics.csv (per epoch: budget, lr, train loss, test
+    accuracy, cumulative bytes up and down counted at the socket) and
+    OUT/summary.json."""
+
+
+@train_group.command("deprune")
+@_shared_training_options
+@click.option("--phases", required=True, help="Ascending BUDGET:EPOCHS list, C = all channels, e.g. 4:15,C:7.")
+@click.option("--boost", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Learning-rate factor (gamma) for the first epochs after each budget raise.")
+@click.option("--boost-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="How many epochs after each raise get the boost (l_k).")
+def train_deprune(phases: str, boost: float, boost_epochs: int, pipeline: str, out: Path, **options) -> None:
+    """Train at a small budget, then raise it: most epochs send few channels."""
+    from sparse_rt import schedules
+
+    _run_schedule("deprune", lambda c: schedules.deprune(schedules.parse_phases(phases, c), boost, boost_epochs),
+                  pipeline, out, **options)
+
+
+@train_group.command("prune")
+@_shared_training_options
+@click.option("--phases", required=True, help="Descending BUDGET:EPOCHS list, e.g. C:30,32:10,4:10.")
+def train_prune(phases: str, pipeline: str, out: Path, **options) -> None:
+    """Train at full budget, then transfer to each smaller budget: one model per budget (a model set)."""
+    from sparse_rt import schedules
+
+    _run_schedule("prune", lambda c: schedules.prune(schedules.parse_phases(phases, c)), pipeline, out, **options)
+
+
+@train_group.command("fixed")
+@_shared_training_options
+@click.option("--budget", required=True, help="Channels sent throughout (a number, or C for all).")
+@click.option("--epochs", type=click.IntRange(min=1), required=True, help="Training epochs.")
+def train_fixed(budget: str, epochs: int, pipeline: str, out: Path, **options) -> None:
+    """One budget throughout: the baselines (no compression at C, high compression, from scratch)."""
+    from sparse_rt import schedules
+
+    _run_schedule("fixed", lambda c: schedules.fixed(schedules.parse_phases(f"{budget}:{epochs}", c)[0].budget,
+                                                     epochs), pipeline, out, **options)
+
+
+@cli.group("models")
+def models_group() -> None:
+    """Model sets: one trained model per budget, made by `sparse-rt train prune`."""
+
+
+@models_group.command("show")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def models_show(folder: Path) -> None:
+    """Print a model set's manifest as a table."""
+    from sparse_rt.runtime.scheduled import read_manifest
+
+    manifest = read_manifest(folder)
+    click.echo(f"{manifest['pipeline']}: cut after '{manifest['cut']}', {manifest['channels']} channels, "
+               f"resolution {manifest['resolution']}, seed {manifest['seed']}")
+    click.echo(f"  {'budget':>6}  {'accuracy':>8}  {'epochs':>6}  {'fp32 B/sample':>13}  {'fp16':>8}  {'int8':>8}")
+    for model in manifest["models"]:
+        size = model["bytes_per_sample"]
+        click.echo(f"  {model['budget']:>6}  {model['test_accuracy']:>8.4f}  {model['epochs']:>6}  "
+                   f"{size['fp32']:>13.0f}  {size['fp16']:>8.0f}  {size['int8']:>8.1f}")
+
+
 def _edges_table(combined: dict) -> str:
     rows = [f"{combined['pipeline']}: {combined['edges']} edge processes and one server over tcp (loopback)",
             f"  {'edge':>4}  {'accuracy':>8}  {'steps':>5}  {'bytes up':>12}  {'bytes down':>12}"]

@@ -16,7 +16,8 @@ from sparse_rt.pipeline import available_pipelines, get_pipeline
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name, cut_shape", [("digits_cnn", (32, 4, 4)), ("vgg11_cifar10", (128, 8, 8))])
+@pytest.mark.parametrize("name, cut_shape", [("digits_cnn", (32, 4, 4)), ("cifar_cnn", (64, 8, 8)),
+                                             ("vgg11_cifar10", (128, 8, 8))])
 def test_registered_pipelines_cut_where_documented(name, cut_shape):
     assert name in available_pipelines()
     pipeline = get_pipeline(name)
@@ -46,7 +47,7 @@ async def test_vgg11_trains_and_infers_split_at_every_resolution(resolution):
 
 def test_pipelines_are_found_by_name_or_module_attribute():
     assert get_pipeline("pipelines.digits_cnn:pipeline") is get_pipeline("digits_cnn")
-    with pytest.raises(ConfigError, match="available: digits_cnn, vgg11_cifar10"):
+    with pytest.raises(ConfigError, match="available: cifar_cnn, digits_cnn, vgg11_cifar10"):
         get_pipeline("resnet_imaginary")
     with pytest.raises(ConfigError, match="not a sparse_rt.Pipeline"):
         get_pipeline("pipelines.digits_cnn:build_model")

@@ -146,6 +146,26 @@ class Compressor(nn.Module):
             else:
                 self.filter_logits[mask] = value[mask]
 
+    def change_budget(self, budget: int, reset: str = "none") -> None:
+        """Move to a new budget, restarting some filter entries so they can still be chosen.
+
+        ``reset="raise"`` (deprune): the entries outside the current top-B, which
+        learned only to stay off, restart at the new budget's even start value.
+        ``reset="prune"`` (the paper's resetprune): the saturated entries
+        (f < 0.01 or f > 0.99, where sigmoid's gradient vanishes) restart there.
+        """
+        if reset == "raise":
+            mask = torch.ones(self.channels, dtype=torch.bool)
+            mask[top_budget(self.filter_logits.detach(), self._budget)] = False
+        elif reset == "prune":
+            f = self.filter_values().detach()
+            mask = (f < 0.01) | (f > 0.99)
+        elif reset != "none":
+            raise ValueError(f"reset must be 'none', 'raise' or 'prune', got '{reset}'")
+        self.budget = budget
+        if reset != "none":
+            self.reset_filter(mask)
+
     def filter_values(self) -> torch.Tensor:
         """f = sigmoid(f_hat), one value per channel."""
         return torch.sigmoid(self.filter_logits)

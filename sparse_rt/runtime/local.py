@@ -16,6 +16,7 @@ from sparse_rt.pipeline import Pipeline, get_pipeline
 from sparse_rt.runtime.pair import SplitPair
 from sparse_rt.runtime.summary import RunSummary, summarize
 from sparse_rt.runtime.training import train
+from sparse_rt.schedules import fixed
 
 
 def load_data(pipeline: Pipeline, config: RunConfig) -> TensorSplit:
@@ -38,7 +39,7 @@ async def run_split(config: RunConfig) -> RunSummary:
                      lr=config.lr or pipeline.lr, weight_decay=pipeline.weight_decay, transport=config.transport,
                      name=pipeline.name, request_timeout=config.request_timeout)
     async with pair:
-        result = await train(pair.edge, train_loader, epochs, samples_per_epoch=len(data.y_train),
+        result = await train(pair.edge, train_loader, fixed(pair.budget, epochs), samples_per_epoch=len(data.y_train),
                              progress=config.progress, desc=f"{pipeline.name} B={pair.budget}/{pair.cut.channels}")
         trained = replace(pair.traffic)
         accuracy = await pair.evaluate(test_loader)

@@ -28,6 +28,7 @@ from sparse_rt.runtime.metrics import MetricsLog
 from sparse_rt.runtime.server import SplitServer
 from sparse_rt.runtime.summary import RunSummary, summarize
 from sparse_rt.runtime.training import TrainingResult, train
+from sparse_rt.schedules import fixed
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.tail import TailStage
 from sparse_rt.transport.connection import bind_router
@@ -131,7 +132,8 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
                     client.save(config.checkpoint, epochs_done=epoch, steps=step)
 
             first_epoch = int(client.resumed.get("epochs_done", 0))
-            result = await train(client.session, train_loader, epochs, samples_per_epoch=len(data.y_train),
+            result = await train(client.session, train_loader, fixed(client.budget, epochs),
+                                 samples_per_epoch=len(data.y_train),
                                  first_epoch=first_epoch, progress=False, stop=stop, after_step=checkpoint)
             if config.checkpoint is not None:
                 client.save(config.checkpoint, epochs_done=result.epochs_done, steps=client.session.steps)

@@ -1,8 +1,11 @@
-"""The one training loop, for `sparse-rt run` and for edge nodes alike.
+"""The one training loop, for `sparse-rt run`, `sparse-rt train` and edge nodes alike.
 
-Per epoch it sets the compressor's exploration (annealed over the first half
-of training), runs every batch through the split session and shows a
-progress bar with rate and ETA. It stops cleanly between steps when asked.
+It follows a schedule (sparse_rt/schedules.py), one plan per epoch: it sets
+the compressor's budget (resetting filter entries as the plan says), the
+learning-rate factor and the exploration, which anneals over the first half
+of every phase below full budget. It runs every batch through the split
+session, shows a progress bar with rate and ETA, calls ``on_epoch_end``
+(evaluation, CSV rows, model sets) and stops cleanly between steps when asked.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from tqdm import tqdm
 
 from sparse_rt.model.compression import annealed_exploration
 from sparse_rt.runtime.edge import EdgeSession
+from sparse_rt.schedules import EpochPlan
 from sparse_rt.stages.source import Batch, batches
 
 log = logging.getLogger(__name__)
@@ -27,17 +31,27 @@ class TrainingResult:
     stopped: bool  # True when a stop request ended training early
 
 
-async def train(session: EdgeSession, loader: Iterable[Batch], epochs: int, *, samples_per_epoch: int,
+async def train(session: EdgeSession, loader: Iterable[Batch], plan: list[EpochPlan], *, samples_per_epoch: int,
                 first_epoch: int = 0, progress: bool = True, desc: str = "training",
-                stop: asyncio.Event | None = None, after_step: Callable[[int, int], None] | None = None
-                ) -> TrainingResult:
-    """Train epochs ``first_epoch .. epochs-1``; ``after_step(step, epoch)`` runs after every step."""
+                stop: asyncio.Event | None = None, after_step: Callable[[int, int], None] | None = None,
+                set_lr_factor: Callable[[float], None] | None = None,
+                on_epoch_end: Callable[[EpochPlan, float], object] | None = None) -> TrainingResult:
+    """Train the epochs of ``plan`` from ``first_epoch``; ``after_step(step, epoch)`` runs after every step.
+
+    ``on_epoch_end(plan, loss)`` may be a coroutine function (e.g. to evaluate over the network).
+    """
     compressor = session.head.model.compressor
     result = TrainingResult(float("nan"), first_epoch, False)
-    with tqdm(total=(epochs - first_epoch) * samples_per_epoch, unit="sample", desc=desc, leave=False,
+    remaining = plan[first_epoch:]
+    with tqdm(total=len(remaining) * samples_per_epoch, unit="sample", desc=desc, leave=False,
               disable=not progress or None) as bar:
-        for epoch in range(first_epoch, epochs):
-            compressor.exploration = annealed_exploration(epoch / epochs)
+        for epoch in remaining:
+            if epoch.budget != compressor.budget or epoch.reset != "none":
+                compressor.change_budget(epoch.budget, epoch.reset)
+            full = epoch.budget == compressor.channels
+            compressor.exploration = 0.0 if full else annealed_exploration(epoch.phase_epoch / epoch.phase_epochs)
+            if set_lr_factor is not None:
+                set_lr_factor(epoch.lr_factor)
             total, count = 0.0, 0
             async for x, y in batches(loader):
                 if stop is not None and stop.is_set():
@@ -46,9 +60,15 @@ async def train(session: EdgeSession, loader: Iterable[Batch], epochs: int, *, s
                 loss = await session.train_step(x, y)
                 total, count = total + loss * len(y), count + len(y)
                 bar.update(len(y))
-                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss:.3f}", refresh=False)
+                bar.set_postfix(epoch=f"{epoch.epoch + 1}/{len(plan)}", B=epoch.budget, loss=f"{loss:.3f}",
+                                refresh=False)
                 if after_step is not None:
-                    after_step(session.steps, epoch)
-            result.loss, result.epochs_done = total / max(count, 1), epoch + 1
-            log.info("epoch %d/%d: loss %.4f, %d steps", epoch + 1, epochs, result.loss, session.steps)
+                    after_step(session.steps, epoch.epoch)
+            result.loss, result.epochs_done = total / max(count, 1), epoch.epoch + 1
+            log.info("epoch %d/%d (budget %d): loss %.4f, %d steps", epoch.epoch + 1, len(plan), epoch.budget,
+                     result.loss, session.steps)
+            if on_epoch_end is not None:
+                done = on_epoch_end(epoch, result.loss)
+                if asyncio.iscoroutine(done):
+                    await done
     return result

@@ -1,0 +1,135 @@
+"""`sparse-rt train`: a schedule (deprune, prune, fixed) run split, with a CSV per epoch and model sets.
+
+The run is a :class:`~sparse_rt.runtime.pair.SplitPair` (edge and server in
+one process, every byte through a ZeroMQ socket) driven by the one training
+loop. After every epoch it evaluates split inference and appends a CSV row:
+epoch, phase, budget, lr, train loss, test accuracy and the cumulative bytes
+of training traffic up and down, counted at the socket (evaluation traffic
+is not counted: it is measurement, not training). A prune run also saves
+each phase's model into a model set: one head + tail checkpoint per budget
+and a manifest.json describing them.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sparse_rt.config import RunConfig
+from sparse_rt.errors import DataError
+from sparse_rt.pipeline import get_pipeline
+from sparse_rt.runtime.checkpoint import save_checkpoint
+from sparse_rt.runtime.local import load_data
+from sparse_rt.runtime.pair import SplitPair
+from sparse_rt.runtime.training import train
+from sparse_rt.schedules import EpochPlan
+from sparse_rt.stages.optimizer import scale_learning_rate
+from sparse_rt.wire.codecs import CODEC_NAMES, get_codec
+
+CSV_FIELDS = ("epoch", "phase", "budget", "lr", "train_loss", "test_accuracy", "bytes_up", "bytes_down", "seconds")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class EpochRow:
+    epoch: int  # 1-based
+    phase: int
+    budget: int
+    lr: float
+    train_loss: float
+    test_accuracy: float
+    bytes_up: int  # cumulative training bytes, edge -> server
+    bytes_down: int
+    seconds: float  # since the run started
+
+
+def payload_bytes_per_sample(budget: int, height: int, width: int) -> dict[str, float]:
+    """Packed channel bytes per sample for each codec (a batch of 64; headers, indices and labels aside)."""
+    shape = (64, budget, height, width)
+    return {name: get_codec(name).max_packed_size(shape) / 64 for name in CODEC_NAMES}
+
+
+async def run_schedule(method: str, config: RunConfig, plan_for: Callable[[int], list[EpochPlan]],
+                       out: Path) -> dict[str, Any]:
+    """Train by ``plan_for(channels at the cut)``; write out/metrics.csv, out/summary.json and, for prune, the model set."""
+    started = time.perf_counter()
+    pipeline = get_pipeline(config.pipeline)
+    data = load_data(pipeline, config)
+    resolution = pipeline.resolution if config.resolution is None else config.resolution
+    torch.manual_seed(config.seed)
+    train_loader, test_loader = data.loaders(config.batch_size or pipeline.batch_size, config.seed)
+    lr = config.lr or pipeline.lr
+    # The session is opened at budget C, the most any message may send; the plan sends fewer.
+    pair = SplitPair(pipeline.build_model(), pipeline.cut, pipeline.input_shape, budget=None,
+                     codec=config.codec, lz4=config.lz4, resolution=resolution, optimizer=pipeline.optimizer, lr=lr,
+                     weight_decay=pipeline.weight_decay, name=pipeline.name, transport=config.transport)
+    plan = plan_for(pair.cut.channels)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[EpochRow] = []
+    models: list[dict[str, Any]] = []
+    training_bytes = [0, 0]
+    mark = [replace(pair.traffic)]
+
+    def set_lr_factor(factor: float) -> None:
+        for optimizer in (pair.edge.head.optimizer, pair.server.tail.optimizer):
+            scale_learning_rate(optimizer, lr, factor)
+
+    async def on_epoch_end(epoch: EpochPlan, loss: float) -> None:
+        now = pair.traffic
+        training_bytes[0] += now.bytes_sent - mark[0].bytes_sent
+        training_bytes[1] += now.bytes_received - mark[0].bytes_received
+        accuracy = await pair.evaluate(test_loader)
+        mark[0] = replace(pair.traffic)
+        rows.append(EpochRow(epoch.epoch + 1, epoch.phase, epoch.budget, lr * epoch.lr_factor, loss, accuracy,
+                             training_bytes[0], training_bytes[1], round(time.perf_counter() - started, 3)))
+        with open(out / "metrics.csv", "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(asdict(row) for row in rows)
+        if method == "prune" and epoch.phase_epoch == epoch.phase_epochs - 1:
+            models.append(_save_model(out, pair, pipeline.name, epoch, accuracy, config.seed, resolution,
+                                      sum(1 for e in plan if e.phase <= epoch.phase)))
+
+    async with pair:
+        await train(pair.edge, train_loader, plan, samples_per_epoch=len(data.y_train), progress=config.progress,
+                    desc=f"{method} {pipeline.name}", set_lr_factor=set_lr_factor, on_epoch_end=on_epoch_end)
+    summary = {"method": method, "pipeline": pipeline.name, "seed": config.seed, "codec": config.codec,
+               "lz4": config.lz4, "channels": pair.cut.channels, "epochs": len(plan),
+               "final_test_accuracy": rows[-1].test_accuracy, "bytes_up": rows[-1].bytes_up,
+               "bytes_down": rows[-1].bytes_down, "seconds": round(time.perf_counter() - started, 3)}
+    if models:
+        (out / MANIFEST).write_text(json.dumps({"pipeline": pipeline.name, "cut": pipeline.cut,
+                                                "channels": pair.cut.channels, "resolution": resolution,
+                                                "seed": config.seed, "models": models}, indent=2))
+        summary["models"] = [model["budget"] for model in models]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _save_model(out: Path, pair: SplitPair, pipeline: str, epoch: EpochPlan, accuracy: float, seed: int,
+                resolution: int, epochs: int) -> dict[str, Any]:
+    """Save this phase's head and tail as one member of the model set; returns its manifest entry."""
+    folder = out / f"budget-{epoch.budget}"
+    meta = {"pipeline": pipeline, "budget": epoch.budget, "resolution": resolution, "seed": seed}
+    save_checkpoint(folder / "head.pt", pair.edge_model, **meta)
+    save_checkpoint(folder / "tail.pt", pair.server_model, **meta)
+    cut = pair.cut
+    return {"budget": epoch.budget, "channels_sent": epoch.budget, "head": f"{folder.name}/head.pt",
+            "tail": f"{folder.name}/tail.pt", "test_accuracy": accuracy, "epochs": epochs, "seed": seed,
+            "pipeline": pipeline,
+            "bytes_per_sample": payload_bytes_per_sample(epoch.budget, cut.sent_height, cut.sent_width)}
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{folder}: not a model set (no {MANIFEST}); make one with `sparse-rt train prune`") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
