@@ -227,6 +227,9 @@ def _edges_table(combined: dict) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), help="Edge: samples per message. Default: the pipeline's.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate. Default: the pipeline's.")
 @click.option("--resolution", type=click.IntRange(0, 8), help="Resolution compression r; server and edges agree.")
+@click.option("--models", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A model set (from `sparse-rt train prune`): the server serves every budget's tail, an edge "
+                   "uses the heads (inference only; --budget picks one).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
               help="Where this node keeps its state: the server its tail, an edge its head.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), help="Also save every N steps (0: only on stop).")

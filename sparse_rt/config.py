@@ -68,6 +68,7 @@ class NodeConfig:
     lr: float | None = None
     resolution: int | None = None
     shard: str | None = None  # edge: "K/N" trains on the K-th of N parts of the training data (1-based)
+    models: Path | None = None  # a model set (sparse-rt train prune): served per budget, inference only
     checkpoint: Path | None = None  # the server's tail or the edge's head, state_dict + optimizer
     checkpoint_every: int = 0  # steps between periodic checkpoints; 0 = only on a clean stop
     resume: bool = False  # start from the checkpoint
@@ -88,6 +89,8 @@ class NodeConfig:
             raise ConfigError("a server needs an address to bind, e.g. --bind tcp://127.0.0.1:5555")
         if self.role == "edge" and not self.connect:
             raise ConfigError("an edge needs the server's address, e.g. --connect tcp://127.0.0.1:5555")
+        if self.models is not None and (self.mode != "infer" and self.role == "edge" or self.resume):
+            raise ConfigError("a model set serves inference only: use --mode infer, without --resume")
         if self.resume and self.checkpoint is None:
             raise ConfigError("--resume needs --checkpoint PATH to resume from")
         if self.shard is not None:
@@ -138,7 +141,7 @@ def load_node_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig
     if "timeout" in settings:  # the file's name for the CLI's --timeout
         settings["request_timeout"] = settings.pop("timeout")
     settings.update({key: value for key, value in overrides.items() if value is not None})
-    for key in ("data", "checkpoint", "metrics"):
+    for key in ("data", "checkpoint", "metrics", "models"):
         if settings.get(key) is not None:
             settings[key] = Path(settings[key])
     if "role" not in settings or "pipeline" not in settings:

@@ -17,12 +17,14 @@ from typing import Any, Coroutine, Iterable, TypeVar
 import torch
 import zmq.asyncio
 
+from sparse_rt.errors import ConfigError
 from sparse_rt.model.sides import CutShape, EdgeModel
 from sparse_rt.pipeline import Pipeline, get_pipeline
 from sparse_rt.runtime.build import edge_side
 from sparse_rt.runtime.checkpoint import read_checkpoint, save_checkpoint
 from sparse_rt.runtime.edge import EdgeSession, SessionSettings
 from sparse_rt.runtime.metrics import MetricsLog
+from sparse_rt.runtime.modelset import load_model_set
 from sparse_rt.stages.head import HeadStage
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.source import Batch
@@ -36,14 +38,17 @@ class EdgeClient:
     """Runs a pipeline's head (and compressor) here and asks the server at ``address`` for the rest.
 
     ``head_checkpoint`` loads a trained head; its saved budget and resolution
-    are used unless given. ``mode="train"`` also lets :meth:`train_step`
-    train the head with the server's gradients.
+    are used unless given. ``model_set`` (a folder from `sparse-rt train
+    prune`) loads one head per budget instead; :meth:`set_budget` switches
+    between them without reconnecting. ``mode="train"`` also lets
+    :meth:`train_step` train the head with the server's gradients.
     """
 
     def __init__(self, pipeline: str | Pipeline, address: str, *, mode: str = "infer", budget: int | None = None,
                  codec: str = "fp32", lz4: bool = False, resolution: int | None = None, seed: int = 0,
-                 head_checkpoint: str | Path | None = None, lr: float | None = None, timeout: float = 30.0,
-                 retries: int = 2, metrics: Path | None = None) -> None:
+                 head_checkpoint: str | Path | None = None, model_set: str | Path | None = None,
+                 lr: float | None = None, timeout: float = 30.0, retries: int = 2,
+                 metrics: Path | None = None) -> None:
         self.pipeline = pipeline if isinstance(pipeline, Pipeline) else get_pipeline(pipeline)
         self.address = address
         self.mode = mode
@@ -51,9 +56,17 @@ class EdgeClient:
         meta = checkpoint.meta if checkpoint is not None else {}
         if budget is None:
             budget = meta.get("budget")
-        if resolution is None:
-            resolution = int(meta.get("resolution", self.pipeline.resolution))
-        self.edge_model, self.cut = edge_side(self.pipeline, seed, budget, resolution)
+        self.heads: dict[int, EdgeModel] | None = None
+        if model_set is not None:
+            if mode != "infer":
+                raise ConfigError("a model set serves inference only: use mode='infer'")
+            self.heads, self.cut, resolution = load_model_set(Path(model_set), self.pipeline, "head")
+            budget = max(self.heads) if budget is None else budget
+            self.edge_model = self._head_for(budget)
+        else:
+            if resolution is None:
+                resolution = int(meta.get("resolution", self.pipeline.resolution))
+            self.edge_model, self.cut = edge_side(self.pipeline, seed, budget, resolution)
         self.optimizer = build_optimizer(self.edge_model.parameters(), self.pipeline.optimizer,
                                          lr or self.pipeline.lr, self.pipeline.weight_decay)
         self.resumed = checkpoint.restore(self.edge_model, self.optimizer) if checkpoint is not None else {}
@@ -90,6 +103,20 @@ class EdgeClient:
             await self.close()
             raise
         return self
+
+    def _head_for(self, budget: int) -> EdgeModel:
+        if self.heads is None:
+            raise ConfigError("set_budget needs a model set: EdgeClient(..., model_set=FOLDER)")
+        if budget not in self.heads:
+            held = ", ".join(str(b) for b in sorted(self.heads))
+            raise ConfigError(f"budget {budget} is not in the model set; it holds {held}")
+        return self.heads[budget]
+
+    def set_budget(self, budget: int) -> None:
+        """Send ``budget`` channels from now on, with the model set's head for that budget."""
+        self.edge_model = self._head_for(budget)
+        if self.session is not None:
+            self.session.head.model = self.edge_model
 
     async def infer(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output (logits) for ``x``: head here, tail on the server."""
@@ -149,6 +176,9 @@ class SyncEdgeClient:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         return self._call(self.client.train_step(x, y))
+
+    def set_budget(self, budget: int) -> None:
+        self.client.set_budget(budget)
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -25,6 +25,7 @@ from sparse_rt.runtime.checkpoint import read_checkpoint, save_checkpoint
 from sparse_rt.runtime.client import EdgeClient
 from sparse_rt.runtime.local import load_data
 from sparse_rt.runtime.metrics import MetricsLog
+from sparse_rt.runtime.modelset import load_model_set
 from sparse_rt.runtime.server import SplitServer
 from sparse_rt.runtime.summary import RunSummary, summarize
 from sparse_rt.runtime.training import TrainingResult, train
@@ -57,8 +58,16 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     """Serve until SIGINT/SIGTERM; returns the server's summary."""
     started = time.perf_counter()
     pipeline = get_pipeline(config.pipeline)
-    resolution = pipeline.resolution if config.resolution is None else config.resolution
-    model, cut = server_side(pipeline, config.seed, resolution)
+    model_set = None
+    if config.models is not None:
+        tails, cut, resolution = load_model_set(config.models, pipeline, "tail")
+        model_set = {budget: TailStage(tail, build_optimizer(tail.parameters(), "sgd", 1e-3))
+                     for budget, tail in tails.items()}
+        log.info("loaded the model set %s: budgets %s", config.models, ", ".join(map(str, sorted(tails))))
+        model = tails[max(tails)]
+    else:
+        resolution = pipeline.resolution if config.resolution is None else config.resolution
+        model, cut = server_side(pipeline, config.seed, resolution)
     optimizer = build_optimizer(model.parameters(), pipeline.optimizer, config.lr or pipeline.lr,
                                 pipeline.weight_decay)
     steps_before = 0
@@ -79,7 +88,7 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     endpoint = connection.socket.getsockopt_string(zmq.LAST_ENDPOINT)
     metrics = MetricsLog(config.metrics)
     server = SplitServer(pipeline.name, TailStage(model, optimizer), cut, pipeline.num_classes, connection,
-                         metrics=metrics, after_step=after_step)
+                         metrics=metrics, after_step=after_step, model_set=model_set)
     stop = stop_on_signals()
     log.info("serving %s on %s: cut after '%s', %d channels of %dx%d (sent at %dx%d)", pipeline.name, endpoint,
              pipeline.cut, cut.channels, cut.height, cut.width, cut.sent_height, cut.sent_width)
@@ -119,7 +128,8 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
     train_loader, test_loader = data.loaders(config.batch_size or pipeline.batch_size, config.seed)
     client = EdgeClient(pipeline, config.connect, mode=config.mode, budget=config.budget, codec=config.codec,
                         lz4=config.lz4, resolution=config.resolution, seed=config.seed,
-                        head_checkpoint=config.checkpoint if config.resume else None, lr=config.lr,
+                        head_checkpoint=config.checkpoint if config.resume else None, model_set=config.models,
+                        lr=config.lr,
                         timeout=config.request_timeout, retries=config.retries, metrics=config.metrics)
     stop = stop_on_signals()
     result = TrainingResult(math.nan, 0, False)

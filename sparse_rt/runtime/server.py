@@ -75,10 +75,13 @@ class SplitServer:
 
     def __init__(self, pipeline: str, tail: TailStage, cut: CutShape, num_classes: int,
                  connection: Connection, queue_size: int = 16, metrics: MetricsLog | None = None,
-                 after_step: Callable[[int], None] | None = None) -> None:
+                 after_step: Callable[[int], None] | None = None,
+                 model_set: dict[int, TailStage] | None = None) -> None:
         self.pipeline = pipeline
         self.resolution = tail.model.decompressor.resolution
         self.tail = tail
+        # A model set (one trained tail per budget) serves inference only; each request's budget picks its tail.
+        self.model_set = model_set
         self.cut = cut
         self.num_classes = num_classes
         self.connection = connection
@@ -136,6 +139,9 @@ class SplitServer:
                  self.cut.channels, hello.codec, "+lz4" if hello.lz4 else "")
         return encode_message(Welcome(hello.id, session.id))
 
+    def _held(self) -> str:
+        return ", ".join(str(budget) for budget in sorted(self.model_set or ()))
+
     def _check_hello(self, hello: Hello) -> str | None:
         if hello.pipeline != self.pipeline:
             return f"this server runs pipeline '{self.pipeline}', not '{hello.pipeline}'"
@@ -143,6 +149,11 @@ class SplitServer:
             return f"the cut has {self.cut.channels} channels here, the edge says {hello.channels}"
         if not 1 <= hello.budget <= self.cut.channels:
             return f"budget must be between 1 and {self.cut.channels} channels, got {hello.budget}"
+        if self.model_set is not None:
+            if hello.mode != "infer":
+                return "this server serves a model set: inference only"
+            if hello.budget not in self.model_set:
+                return f"budget {hello.budget} is not in this model set; it holds {self._held()}"
         if hello.resolution != self.resolution:
             return f"this server restores resolution r={self.resolution}, the edge compresses with r={hello.resolution}"
         if hello.codec not in CODEC_NAMES:
@@ -202,7 +213,9 @@ class SplitServer:
         if (message.codec, message.lz4) != (session.codec, session.lz4):
             raise WireError(f"session uses codec {session.codec} (lz4 {session.lz4}), message has "
                             f"{message.codec} (lz4 {message.lz4})", "bad_codec")
-        if message.channels != self.cut.channels or budget > session.budget:
+        if self.model_set is not None and budget not in self.model_set:
+            raise WireError(f"budget {budget} is not in this model set; it holds {self._held()}", "bad_budget")
+        if message.channels != self.cut.channels or (self.model_set is None and budget > session.budget):
             raise WireError(f"expected at most {session.budget} of {self.cut.channels} channels, got {budget} of "
                             f"{message.channels}", "bad_budget")
         if (height, width) != (self.cut.sent_height, self.cut.sent_width) or n == 0:
@@ -216,7 +229,8 @@ class SplitServer:
         self._check(session, message)
         if message.labels is None:
             self.stats.inferences += 1
-            logits = self.tail.infer(message.values, message.indices)
+            tail = self.tail if self.model_set is None else self.model_set[message.values.shape[1]]
+            logits = tail.infer(message.values, message.indices)
             return Predictions(message.id, session.id, logits)
         if message.step == session.last_step and session.last_reply is not None:
             log.info("session %s resent step %d: answering again, not applying twice", session.id, message.step)

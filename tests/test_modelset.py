@@ -1,0 +1,73 @@
+"""Serving a model set: one tail per budget on the server, heads switched on the edge without reconnecting."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparse_rt.cli import main
+from sparse_rt.data.datasets import load_digits
+from sparse_rt.errors import ConfigError, RemoteError
+from sparse_rt.runtime.client import EdgeClient
+from sparse_rt.runtime.launch import NodeProcess
+
+
+@pytest.fixture(scope="module")
+def model_set(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("set") / "digits"
+    with pytest.raises(SystemExit) as info:
+        main(["train", "prune", "digits_cnn", "--phases", "C:3,8:2,2:2", "--out", str(folder)])
+    assert info.value.code == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(model_set):
+    server = NodeProcess("server", {"pipeline": "digits_cnn", "bind": "tcp://127.0.0.1:*", "models": model_set,
+                                    "json": True})
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+        server.finish(timeout=30)
+
+
+async def _accuracy(edge: EdgeClient) -> float:
+    data = load_digits(seed=0)
+    _, test_loader = data.loaders(64, 0)
+    return await edge.evaluate(test_loader)
+
+
+async def test_each_budget_is_served_by_its_own_model_without_reconnecting(model_set, served):
+    manifest = json.loads((model_set / "manifest.json").read_text())
+    recorded = {model["budget"]: model["test_accuracy"] for model in manifest["models"]}
+    async with EdgeClient("digits_cnn", served, model_set=model_set) as edge:
+        session = edge.session.session_id
+        for budget in (32, 8, 2):
+            edge.set_budget(budget)
+            assert await _accuracy(edge) == pytest.approx(recorded[budget], abs=1e-9)
+            assert edge.session.session_id == session
+        with pytest.raises(ConfigError, match="holds 2, 8, 32"):
+            edge.set_budget(16)
+
+
+async def test_a_budget_the_set_does_not_hold_is_refused_with_the_held_ones(model_set, served):
+    with pytest.raises(RemoteError, match="budget 4 is not in this model set; it holds 2, 8, 32"):
+        async with EdgeClient("digits_cnn", served, budget=4) as edge:
+            await edge.infer(torch.zeros(2, 1, 8, 8))
+    async with EdgeClient("digits_cnn", served, model_set=model_set, budget=8) as edge:
+        edge.edge_model.compressor.budget = 4  # an edge that sends a budget the set lacks
+        with pytest.raises(RemoteError, match="bad_budget.*holds 2, 8, 32"):
+            await edge.infer(torch.zeros(2, 1, 8, 8))
+
+
+def test_a_model_set_server_refuses_training(model_set, served):
+    import asyncio
+
+    async def train_session() -> None:
+        async with EdgeClient("digits_cnn", served, mode="train", budget=8):
+            pass
+
+    with pytest.raises(RemoteError, match="inference only"):
+        asyncio.run(train_session())
