@@ -98,7 +98,12 @@ class SplitServer:
         try:
             while True:
                 route, frames = await self.connection.recv()
-                await self._dispatch(route, frames)
+                try:
+                    await self._dispatch(route, frames)
+                except Exception:  # a bug must not stop the reader, and with it every edge
+                    self.stats.errors += 1
+                    log.exception("failed to dispatch a message from %s", route.hex())
+                    await self.connection.send(error_frames(None, "internal", "server error while reading"), route)
         finally:
             worker.cancel()
             self._executor.shutdown(wait=True)

@@ -9,6 +9,7 @@ docs/PROTOCOL.md is the normative description of every field.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any, Callable
 
 from sparse_rt.errors import WireError
@@ -65,6 +66,15 @@ SCHEMAS: dict[str, dict[str, Check]] = {
 }
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object with a key twice is ambiguous (which value wins depends on the parser): refuse it."""
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        repeated = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+        raise ValueError(f"repeated key(s) {', '.join(repeated)}")
+    return fields
+
+
 def encode_header(fields: dict[str, Any]) -> bytes:
     """Serialise a header; ``v`` is filled in. Used only for trusted, local data."""
     return json.dumps({"v": PROTOCOL_VERSION, **fields}, separators=(",", ":")).encode()
@@ -75,8 +85,9 @@ def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
     if len(frame) > MAX_HEADER_BYTES:
         raise WireError(f"header frame is {len(frame)} bytes, the limit is {MAX_HEADER_BYTES}", "bad_header")
     try:
-        fields = json.loads(bytes(frame))
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        # Decode as UTF-8 ourselves: json.loads(bytes) would also guess UTF-16/32 and accept a BOM.
+        fields = json.loads(bytes(frame).decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise WireError(f"header frame is not UTF-8 JSON: {exc}", "bad_header") from None
     if type(fields) is not dict:
         raise WireError(f"header must be a JSON object, got {type(fields).__name__}", "bad_header")
@@ -85,7 +96,7 @@ def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
         raise WireError(f"protocol version {version!r} is not supported; this peer speaks {PROTOCOL_VERSION}",
                         "bad_version")
     kind = fields.get("kind")
-    if kind not in SCHEMAS:
+    if type(kind) is not str or kind not in SCHEMAS:
         raise WireError(f"unknown message kind {kind!r}; expected one of {', '.join(SCHEMAS)}", "bad_kind")
     schema = {**COMMON, **SCHEMAS[kind]}
     missing = [name for name in schema if name not in fields]
