@@ -40,7 +40,8 @@ def _server(start, **options) -> tuple[NodeProcess, str]:
 
 def test_four_edges_train_one_tail_concurrently(start):
     server, address = _server(start)
-    edges = [start("edge", connect=address, shard=f"{k}/4", epochs=8, budget=8, json=True) for k in range(1, 5)]
+    edges = [start("edge", connect=address, shard=f"{k}/4", epochs=10, batch_size=32, budget=8, json=True)
+             for k in range(1, 5)]
     results = [edge.result(timeout=300) for edge in edges]
     server.stop()
     counts = server.result(timeout=60)

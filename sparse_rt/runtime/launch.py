@@ -1,8 +1,8 @@
 """Start `sparse-rt node` processes on this machine: `sparse-rt run --edges N` and the tests use it.
 
 Each node is a real child process (``python -m sparse_rt node ...``) talking
-tcp:// over loopback. A thread drains each child's log (stderr) so it can
-never block on a full pipe; the server's "serving ... on ADDRESS" line tells
+tcp:// over loopback. Threads drain each child's log (stderr) and
+stdout, so it can never block on a full pipe; the server's "serving ... on ADDRESS" line tells
 when it is ready and which port it bound.
 """
 from __future__ import annotations
@@ -40,8 +40,15 @@ class NodeProcess:
         self.address: str | None = None
         self._ready = threading.Event()
         self._echo = echo
-        self._drain = threading.Thread(target=self._read_log, name=f"{role} log", daemon=True)
-        self._drain.start()
+        self._stdout: list[str] = []
+        self._drains = [threading.Thread(target=self._read_log, name=f"{role} log", daemon=True),
+                        threading.Thread(target=self._read_stdout, name=f"{role} stdout", daemon=True)]
+        for drain in self._drains:
+            drain.start()
+
+    def _read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        self._stdout.extend(self.process.stdout)
 
     def _read_log(self) -> None:
         assert self.process.stderr is not None
@@ -69,14 +76,15 @@ class NodeProcess:
             self.process.send_signal(signal.SIGTERM)
 
     def finish(self, timeout: float | None = None) -> tuple[int, str]:
-        """Wait for the process to end; its exit code and stdout."""
+        """Wait for the process to end; its exit code and stdout (both pipes are read by the drain threads)."""
         try:
-            stdout, _ = self.process.communicate(timeout=timeout)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            stdout, _ = self.process.communicate()
-        self._drain.join(timeout=5)
-        return self.process.returncode, stdout
+            self.process.wait()
+        for drain in self._drains:
+            drain.join(timeout=5)
+        return self.process.returncode, "".join(self._stdout)
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """The JSON summary the node printed (it must run with --json)."""
