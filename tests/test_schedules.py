@@ -100,3 +100,30 @@ def test_train_deprune_sends_fewer_bytes_while_the_budget_is_small(tmp_path, cap
     with pytest.raises(SystemExit) as info:
         main(["models", "show", str(out)])
     assert info.value.code == 2 and "not a model set" in capsys.readouterr().err
+
+
+def test_experiments_write_reports_and_plots(tmp_path, capsys):
+    from sparse_rt.runtime.experiment import final_accuracy, first_reaching
+
+    rows = [{"test_accuracy": a, "bytes_up": 10.0 * i, "bytes_down": 1.0} for i, a in enumerate([0.2, 0.6, 0.5, 0.7])]
+    assert final_accuracy(rows) == pytest.approx(0.6)
+    assert first_reaching(rows, 0.55)["bytes_up"] == 10.0 and first_reaching(rows, 0.9) is None
+
+    with pytest.raises(SystemExit) as info:
+        main(["experiment", "deprune", "digits_cnn", "--phases", "2:2,C:1", "--seeds", "1", "--out",
+              str(tmp_path / "d")])
+    assert info.value.code == 0
+    report = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert set(report["mean_accuracy"]) == {"deprune", "no_compression", "high_compression"}
+    assert (tmp_path / "d" / "deprune.png").stat().st_size > 10_000
+    for run in ("deprune", "no_compression", "high_compression"):
+        assert len(list(csv.DictReader(open(tmp_path / "d" / "seed-0" / run / "metrics.csv")))) == 3
+
+    with pytest.raises(SystemExit) as info:
+        main(["experiment", "prune", "digits_cnn", "--phases", "C:2,8:1", "--seeds", "1", "--out",
+              str(tmp_path / "p")])
+    assert info.value.code == 0
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert [row["budget"] for row in report["budgets"]] == [8]
+    assert (tmp_path / "p" / "prune.png").stat().st_size > 10_000
+    capsys.readouterr()

@@ -2,8 +2,8 @@
 
 It follows a schedule (sparse_rt/schedules.py), one plan per epoch: it sets
 the compressor's budget (resetting filter entries as the plan says), the
-learning-rate factor and the exploration, which anneals over the first half
-of every phase below full budget. It runs every batch through the split
+learning-rate factor and the exploration, which anneals over the first
+quarter of every phase below full budget. It runs every batch through the split
 session, shows a progress bar with rate and ETA, calls ``on_epoch_end``
 (evaluation, CSV rows, model sets) and stops cleanly between steps when asked.
 """
