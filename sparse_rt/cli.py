@@ -178,10 +178,6 @@ def experiment_group() -> None:
     """A method against its baselines over several seeds: CSVs, report.json and PNG plots in --out."""
 
 
-def _experiment_config(pipeline: str, options: dict) -> RunConfig:
-    return RunConfig(pipeline=pipeline, **options)
-
-
 @experiment_group.command("deprune")
 @_shared_training_options
 @click.option("--phases", default="2:15,C:5", show_default=True, help="deprune's ascending BUDGET:EPOCHS phases.")
@@ -189,15 +185,16 @@ def _experiment_config(pipeline: str, options: dict) -> RunConfig:
               help="Learning-rate factor after each raise.")
 @click.option("--boost-epochs", type=click.IntRange(min=0), default=2, show_default=True,
               help="Epochs boosted after each raise.")
-@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds 0..N-1.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many seeds: --seed, --seed + 1, ...")
 def experiment_deprune(phases: str, boost: float, boost_epochs: int, seeds: int, pipeline: str, out: Path,
-                       seed: int, **options) -> None:
+                       **options) -> None:
     """deprune vs no compression vs fixed high compression, same epochs: bytes to accuracy, accuracy."""
     import asyncio
 
     from sparse_rt.runtime.experiment import deprune_experiment
 
-    report = asyncio.run(deprune_experiment(_experiment_config(pipeline, options), phases, boost, boost_epochs,
+    report = asyncio.run(deprune_experiment(RunConfig(pipeline=pipeline, **options), phases, boost, boost_epochs,
                                             seeds, out))
     click.echo(json.dumps({key: report[key] for key in report if key != "seeds"}, indent=2))
 
@@ -205,14 +202,15 @@ def experiment_deprune(phases: str, boost: float, boost_epochs: int, seeds: int,
 @experiment_group.command("prune")
 @_shared_training_options
 @click.option("--phases", default="C:20,16:5,2:5", show_default=True, help="prune's descending BUDGET:EPOCHS phases.")
-@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds 0..N-1.")
-def experiment_prune(phases: str, seeds: int, pipeline: str, out: Path, seed: int, **options) -> None:
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many seeds: --seed, --seed + 1, ...")
+def experiment_prune(phases: str, seeds: int, pipeline: str, out: Path, **options) -> None:
     """prune vs from-scratch training at each smaller budget: epochs to reach the same accuracy."""
     import asyncio
 
     from sparse_rt.runtime.experiment import prune_experiment
 
-    report = asyncio.run(prune_experiment(_experiment_config(pipeline, options), phases, seeds, out))
+    report = asyncio.run(prune_experiment(RunConfig(pipeline=pipeline, **options), phases, seeds, out))
     click.echo(json.dumps(report, indent=2))
 
 

@@ -46,7 +46,7 @@ async def _run(name: str, method: str, config: RunConfig, plan_for: Callable[[in
 async def deprune_experiment(config: RunConfig, phases: str, boost: float, boost_epochs: int, seeds: int,
                              out: Path) -> dict[str, Any]:
     per_seed = []
-    for seed in range(seeds):
+    for seed in range(config.seed, config.seed + seeds):
         run_config = replace(config, seed=seed)
         folder = out / f"seed-{seed}"
         plan_of = lambda c: schedules.deprune(schedules.parse_phases(phases, c), boost, boost_epochs)
@@ -92,7 +92,7 @@ def _deprune_report(per_seed: list[dict[str, Rows]], out: Path) -> dict[str, Any
 
 async def prune_experiment(config: RunConfig, phases: str, seeds: int, out: Path) -> dict[str, Any]:
     per_seed = []
-    for seed in range(seeds):
+    for seed in range(config.seed, config.seed + seeds):
         run_config = replace(config, seed=seed)
         folder = out / f"seed-{seed}"
         runs = {"prune": await _run("prune", "prune", run_config,
