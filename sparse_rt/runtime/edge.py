@@ -58,9 +58,9 @@ class EdgeSession:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     @staticmethod
-    def _decode(frames: list[Any], expected: type, timer: StageTimer) -> Message:
+    def _decode(header: dict[str, Any], frames: list[Any], expected: type, timer: StageTimer) -> Message:
         with timer.stage("decode"):
-            reply = decode_message(frames)
+            reply = decode_message(frames, header)
         if isinstance(reply, ErrorReply):
             raise RemoteError(reply.code, reply.message)
         if not isinstance(reply, expected):
@@ -71,8 +71,8 @@ class EdgeSession:
                         timer: StageTimer) -> tuple[Message, int]:
         """Send, wait, decode; returns the reply and its size in bytes."""
         with timer.stage("wait"):
-            raw = await self.link.request(request_id, frames)
-        return await self._off_loop(self._decode, raw, expected, timer), frame_bytes(raw)
+            header, raw = await self.link.request(request_id, frames)
+        return await self._off_loop(self._decode, header, raw, expected, timer), frame_bytes(raw)
 
     async def open(self) -> str:
         """Handshake: the server checks pipeline, channels, budget, resolution and codec, or refuses with a reason."""

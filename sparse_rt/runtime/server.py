@@ -89,7 +89,7 @@ class SplitServer:
         self.stats = ServerStats()
         self.metrics = metrics or MetricsLog(None)
         self.after_step = after_step  # called in the worker thread with the count of applied steps
-        self._queue: asyncio.Queue[tuple[bytes, list[zmq.Frame], float]] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[tuple[bytes, list[zmq.Frame], dict[str, Any], float]] = asyncio.Queue(queue_size)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
 
     async def serve(self) -> None:
@@ -117,18 +117,18 @@ class SplitServer:
             await self._refuse(route, exc)
             return
         if fields["kind"] == "hello":
-            await self.connection.send(self._handshake(route, frames), route)
+            await self.connection.send(self._handshake(route, frames, fields), route)
         else:
-            await self._queue.put((route, frames, time.perf_counter()))
+            await self._queue.put((route, frames, fields, time.perf_counter()))
 
     async def _refuse(self, route: bytes, exc: WireError) -> None:
         self.stats.errors += 1
         log.warning("refused a message from %s: %s", route.hex(), exc)
         await self.connection.send(error_frames(exc.request_id, exc.code, str(exc)), route)
 
-    def _handshake(self, route: bytes, frames: list[zmq.Frame]) -> list[Any]:
+    def _handshake(self, route: bytes, frames: list[zmq.Frame], header: dict[str, Any]) -> list[Any]:
         try:
-            hello = decode_message(frames)
+            hello = decode_message(frames, header)
             assert isinstance(hello, Hello)
             problem = self._check_hello(hello)
             if problem:
@@ -168,25 +168,27 @@ class SplitServer:
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            route, frames, queued = await self._queue.get()
+            route, frames, header, queued = await self._queue.get()
             timer = StageTimer()
             timer.ms["queue"] = (time.perf_counter() - queued) * 1e3
-            reply = await loop.run_in_executor(self._executor, self._process, route, frames, timer)
+            reply = await loop.run_in_executor(self._executor, self._process, route, frames, header, timer)
             await self.connection.send(reply, route)
 
-    def _process(self, route: bytes, frames: list[zmq.Frame], timer: StageTimer) -> list[Any]:
+    def _process(self, route: bytes, frames: list[zmq.Frame], header: dict[str, Any],
+                 timer: StageTimer) -> list[Any]:
         """Answer one message and record it (worker thread)."""
-        kind, request_id, reply = self._answer(route, frames, timer)
+        kind, request_id, reply = self._answer(route, frames, header, timer)
         self.metrics.record(timer, kind=kind, id=request_id, route=route.hex(), bytes_in=frame_bytes(frames),
                             bytes_out=frame_bytes(reply))
         return reply
 
-    def _answer(self, route: bytes, frames: list[zmq.Frame], timer: StageTimer) -> tuple[str, int | None, list[Any]]:
+    def _answer(self, route: bytes, frames: list[zmq.Frame], header: dict[str, Any],
+                timer: StageTimer) -> tuple[str, int | None, list[Any]]:
         """Decode, check against the session, run the tail, encode: (reply kind, request id, reply frames)."""
         request_id = None
         try:
             with timer.stage("decode"):
-                message = decode_message(frames)
+                message = decode_message(frames, header)
             request_id = message.id
             if not isinstance(message, Activations):
                 raise WireError(f"a server does not accept '{type(message).__name__}' messages", "bad_kind")

@@ -21,6 +21,8 @@ from sparse_rt.wire.header import decode_header
 
 log = logging.getLogger(__name__)
 
+Reply = tuple[dict[str, Any], list[zmq.Frame]]  # (validated header, frames)
+
 
 class ServerUnreachable(ConnectionError):
     """No reply came from the server in time."""
@@ -35,14 +37,16 @@ class RequestLink:
         self.timeout = timeout
         self.retries = retries
         self._ids = itertools.count(1)  # 0 is reserved: "id unknown" in error replies
-        self._pending: dict[int, asyncio.Future[list[zmq.Frame]]] = {}
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
 
     def next_id(self) -> int:
         return next(self._ids)
 
-    async def request(self, request_id: int, frames: Sequence[Any]) -> list[zmq.Frame]:
+    async def request(self, request_id: int, frames: Sequence[Any]) -> Reply:
         """Send, and resend up to ``retries`` times while no reply comes (the ZeroMQ guide's Lazy Pirate).
+
+        Returns the reply's validated header (read here to match the id) and its frames.
 
         Resending is safe: the server answers a repeated training step again
         without applying it twice.
@@ -72,17 +76,18 @@ class RequestLink:
         while True:
             _, frames = await self.connection.recv()
             try:
-                request_id = decode_header(frames[0].bytes)["id"]
+                header = decode_header(frames[0].bytes)
             except WireError as exc:
                 log.warning("dropping an unreadable reply from %s: %s", self.address, exc)
                 continue
+            request_id = header["id"]
             waiting = self._pending.get(request_id)
             if waiting is None and request_id == 0 and len(self._pending) == 1:
                 waiting = next(iter(self._pending.values()))  # an error about a request the server could not read
             if waiting is None or waiting.done():  # e.g. the second answer to a resent request
                 log.debug("dropping a reply to no waiting request (%d) from %s", request_id, self.address)
                 continue
-            waiting.set_result(frames)
+            waiting.set_result((header, frames))
 
     async def close(self) -> None:
         if self._reader is not None:

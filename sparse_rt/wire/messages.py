@@ -208,11 +208,15 @@ def _decode_body(fields: dict[str, Any], frames: Sequence[Any]) -> Message:
     return ErrorReply(rid, fields["code"], fields["message"])
 
 
-def decode_message(frames: Sequence[Any]) -> Message:
-    """Parse and validate every frame, or raise WireError (with the request id once known)."""
+def decode_message(frames: Sequence[Any], header: dict[str, Any] | None = None) -> Message:
+    """Parse and validate every frame, or raise WireError (with the request id once known).
+
+    ``header`` is frames[0] already validated by :func:`decode_header` (a
+    receiver that routed by it), so it is not parsed twice.
+    """
     if not frames:
         raise WireError("empty message: expected a header frame", "bad_frames")
-    fields = decode_header(frames[0])
+    fields = decode_header(frames[0]) if header is None else header
     expected = _FRAME_COUNTS[fields["kind"]]
     try:
         if len(frames) != expected:
