@@ -49,20 +49,35 @@ def _print_summary(summary) -> None:
     click.echo("\n".join(lines))
 
 
+def _options(*decorators):
+    """Apply click decorators in the order they are listed (the order --help shows)."""
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+    return apply
+
+
+# What every split training command takes: `run`, `train ...` and `experiment ...`.
+_training_options = _options(
+    click.option("--codec", type=click.Choice(CODEC_NAMES), default="fp32", show_default=True,
+                 help="How sent values are packed: fp32, fp16, or int8 with a scale per channel."),
+    click.option("--lz4", is_flag=True, help="Compress the packed channels with lz4 (frame format)."),
+    click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="Your own data: an .npz with x, y (or x_train, y_train, x_test, y_test)."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split, the model and the order."),
+    click.option("--batch-size", type=click.IntRange(min=1), help="Samples per step. Default: the pipeline's."),
+    click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate. Default: the pipeline's."),
+    click.option("--resolution", type=click.IntRange(0, 8),
+                 help="Resolution compression r at the cut (0 = off). Default: the pipeline's."),
+)
+
+
 @cli.command()
 @click.argument("pipeline")
 @click.option("--budget", type=click.IntRange(min=1), help="Channels sent per sample (B). Default: all (B = C).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs. Default: the pipeline's.")
-@click.option("--codec", type=click.Choice(CODEC_NAMES), default="fp32", show_default=True,
-              help="How sent values are packed: fp32, fp16, or int8 with a scale per channel.")
-@click.option("--lz4", is_flag=True, help="Compress the packed channels with lz4 (frame format).")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Your own data: an .npz with x, y (or x_train, y_train, x_test, y_test).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split, the model and the order.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per step. Default: the pipeline's.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate. Default: the pipeline's.")
-@click.option("--resolution", type=click.IntRange(0, 8),
-              help="Resolution compression r at the cut (0 = off). Default: the pipeline's.")
+@_training_options
 @click.option("--transport", type=click.Choice(TRANSPORTS), default="inproc", show_default=True,
               help="ZeroMQ transport between the edge and the server.")
 @click.option("--edges", type=click.IntRange(min=1),
@@ -98,24 +113,12 @@ def run(pipeline: str, budget: int | None, epochs: int | None, codec: str, lz4: 
         _print_summary(summary)
 
 
-def _shared_training_options(command):
-    """Options every `sparse-rt train` method takes, as in `sparse-rt run`."""
-    for option in reversed([
-        click.argument("pipeline"),
-        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-                     help="Directory for metrics.csv, summary.json (and the model set, for prune)."),
-        click.option("--codec", type=click.Choice(CODEC_NAMES), default="fp32", show_default=True,
-                     help="How sent values are packed."),
-        click.option("--lz4", is_flag=True, help="lz4 on top of the codec."),
-        click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="Your own .npz data instead of the pipeline's."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, split and order."),
-        click.option("--batch-size", type=click.IntRange(min=1), help="Default: the pipeline's."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Base learning rate."),
-        click.option("--resolution", type=click.IntRange(0, 8), help="Resolution compression r at the cut."),
-    ]):
-        command = option(command)
-    return command
+_shared_training_options = _options(
+    click.argument("pipeline"),
+    click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+                 help="Directory for metrics.csv, summary.json (and the model set, for prune)."),
+    _training_options,
+)
 
 
 def _run_schedule(method: str, plan_for, pipeline: str, out: Path, **options) -> None:
