@@ -12,7 +12,10 @@ the epoch. deprune, prune and the baselines differ only in the list.
 - **prune** (fast model sets): descending budgets, e.g. ``C:30,32:10,4:10``.
   The first phase trains from scratch; each later one continues from the one
   before after resetting the saturated filter entries (the paper's
-  resetprune) and trains a few epochs. Each phase's end is one model.
+  resetprune) and trains a few epochs. Each phase's end is one model. A
+  transfer phase does not explore: the filter it inherits already ranks the
+  channels, and drawing others would throw the transfer away (measured on
+  cifar_cnn, docs/REPRODUCTION.md).
 - **fixed**: one budget throughout (no compression at C, high compression at
   the smallest budget, or from-scratch training at any budget).
 """
@@ -43,6 +46,7 @@ class EpochPlan:
     reset: Reset  # reset applied before this epoch
     phase_epoch: int  # 0-based within the phase
     phase_epochs: int
+    explore: bool = True  # draw the sent channels with annealed exploration (below full budget)
 
 
 def parse_phases(text: str, channels: int) -> list[Phase]:
@@ -67,7 +71,8 @@ def _plan(phases: list[Phase], boost: float = 1.0, boost_epochs: int = 0, reset:
         for phase_epoch in range(phase.epochs):
             boosted = index > 0 and phase_epoch < boost_epochs
             plan.append(EpochPlan(epoch, index, phase.budget, boost if boosted else 1.0,
-                                  reset if index > 0 and phase_epoch == 0 else "none", phase_epoch, phase.epochs))
+                                  reset if index > 0 and phase_epoch == 0 else "none", phase_epoch, phase.epochs,
+                                  explore=index == 0 or reset != "prune"))
             epoch += 1
     return plan
 

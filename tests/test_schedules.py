@@ -26,6 +26,7 @@ def test_deprune_boosts_the_learning_rate_after_each_raise():
     assert [e.lr_factor for e in plan] == [1, 1, 1, 2, 2, 1, 2, 2]
     assert [e.reset for e in plan] == ["none"] * 3 + ["raise", "none", "none", "raise", "none"]
     assert [e.phase_epoch for e in plan] == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert all(e.explore for e in plan)  # newly allowed channels must get a chance to be drawn
     with pytest.raises(ConfigError, match="ascending"):
         deprune(parse_phases("8:2,4:2", 32))
 
@@ -35,6 +36,8 @@ def test_prune_resets_saturated_entries_at_each_smaller_budget():
     assert [e.budget for e in plan] == [32, 32, 32, 8, 8, 2, 2]
     assert [e.lr_factor for e in plan] == [1.0] * 7
     assert [e.reset for e in plan] == ["none"] * 3 + ["prune", "none", "prune", "none"]
+    # Transfer phases keep the channels the inherited filter ranks first instead of drawing others.
+    assert [e.explore for e in plan] == [True] * 3 + [False] * 4
     with pytest.raises(ConfigError, match="descending"):
         prune(parse_phases("4:2,8:2", 32))
     assert [(e.budget, e.reset) for e in fixed(4, 2)] == [(4, "none"), (4, "none")]

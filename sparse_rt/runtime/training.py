@@ -48,8 +48,8 @@ async def train(session: EdgeSession, loader: Iterable[Batch], plan: list[EpochP
         for epoch in remaining:
             if epoch.budget != compressor.budget or epoch.reset != "none":
                 compressor.change_budget(epoch.budget, epoch.reset)
-            full = epoch.budget == compressor.channels
-            compressor.exploration = 0.0 if full else annealed_exploration(epoch.phase_epoch / epoch.phase_epochs)
+            explore = epoch.explore and epoch.budget < compressor.channels
+            compressor.exploration = annealed_exploration(epoch.phase_epoch / epoch.phase_epochs) if explore else 0.0
             if set_lr_factor is not None:
                 set_lr_factor(epoch.lr_factor)
             total, count = 0.0, 0
