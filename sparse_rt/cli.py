@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from sparse_rt.cli_options import options
 from sparse_rt.config import MODES, ROLES, TRANSPORTS, RunConfig
 from sparse_rt.errors import SparseRtError
 from sparse_rt.wire.codecs import CODEC_NAMES
@@ -49,17 +50,8 @@ def _print_summary(summary) -> None:
     click.echo("\n".join(lines))
 
 
-def _options(*decorators):
-    """Apply click decorators in the order they are listed (the order --help shows)."""
-    def apply(command):
-        for decorator in reversed(decorators):
-            command = decorator(command)
-        return command
-    return apply
-
-
 # What every split training command takes: `run`, `train ...` and `experiment ...`.
-_training_options = _options(
+_training_options = options(
     click.option("--codec", type=click.Choice(CODEC_NAMES), default="fp32", show_default=True,
                  help="How sent values are packed: fp32, fp16, or int8 with a scale per channel."),
     click.option("--lz4", is_flag=True, help="Compress the packed channels with lz4 (frame format)."),
@@ -113,7 +105,7 @@ def run(pipeline: str, budget: int | None, epochs: int | None, codec: str, lz4: 
         _print_summary(summary)
 
 
-_shared_training_options = _options(
+_shared_training_options = options(
     click.argument("pipeline"),
     click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
                  help="Directory for metrics.csv, summary.json (and the model set, for prune)."),
@@ -121,12 +113,18 @@ _shared_training_options = _options(
 )
 
 
-def _run_schedule(method: str, plan_for, pipeline: str, out: Path, **options) -> None:
+# Train against a running server instead of one in this process (the edge node's code path).
+_connect_option = click.option(
+    "--connect", help="A running server's address (sparse-rt node --role server), e.g. tcp://127.0.0.1:5555. "
+                      "Default: a server in this process.")
+
+
+def _run_schedule(method: str, plan_for, pipeline: str, out: Path, connect: str | None = None, **options) -> None:
     import asyncio
 
     from sparse_rt.runtime.scheduled import run_schedule
 
-    summary = asyncio.run(run_schedule(method, RunConfig(pipeline=pipeline, **options), plan_for, out))
+    summary = asyncio.run(run_schedule(method, RunConfig(pipeline=pipeline, **options), plan_for, out, connect))
     click.echo(json.dumps(summary))
 
 
@@ -146,6 +144,7 @@ def train_group() -> None:
               help="Learning-rate factor (gamma) for the first epochs after each budget raise.")
 @click.option("--boost-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="How many epochs after each raise get the boost (l_k).")
+@_connect_option
 def train_deprune(phases: str, boost: float, boost_epochs: int, pipeline: str, out: Path, **options) -> None:
     """Train at a small budget, then raise it: most epochs send few channels."""
     from sparse_rt import schedules
@@ -168,6 +167,7 @@ def train_prune(phases: str, pipeline: str, out: Path, **options) -> None:
 @_shared_training_options
 @click.option("--budget", required=True, help="Channels sent throughout (a number, or C for all).")
 @click.option("--epochs", type=click.IntRange(min=1), required=True, help="Training epochs.")
+@_connect_option
 def train_fixed(budget: str, epochs: int, pipeline: str, out: Path, **options) -> None:
     """One budget throughout: the baselines (no compression at C, high compression, from scratch)."""
     from sparse_rt import schedules
@@ -226,7 +226,7 @@ def models_group() -> None:
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def models_show(folder: Path) -> None:
     """Print a model set's manifest as a table."""
-    from sparse_rt.runtime.scheduled import read_manifest
+    from sparse_rt.runtime.modelset import read_manifest
 
     manifest = read_manifest(folder)
     click.echo(f"{manifest['pipeline']}: cut after '{manifest['cut']}', {manifest['channels']} channels, "
@@ -267,6 +267,11 @@ def _edges_table(combined: dict) -> str:
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Edge: your own .npz data instead of the pipeline's.")
 @click.option("--shard", help="Edge: train on the K-th of N parts of the training data, as K/N.")
+@click.option("--phases", help="Edge: train by deprune's ascending BUDGET:EPOCHS phases (e.g. 2:15,C:5) instead of "
+                               "--budget and --epochs.")
+@click.option("--boost", type=click.FloatRange(min=0, min_open=True),
+              help="Edge, with --phases: learning-rate factor after each raise, for head and tail.  [default: 1]")
+@click.option("--boost-epochs", type=click.IntRange(min=0), help="Edge, with --phases: epochs boosted.  [default: 0]")
 @click.option("--seed", type=int, help="Seed of the model's initial weights and the data split.  [default: 0]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Edge: samples per message. Default: the pipeline's.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate. Default: the pipeline's.")
@@ -317,6 +322,33 @@ def node(config_file: Path | None, **options) -> None:
     else:
         _print_summary(result)
     raise SystemExit(code)
+
+
+class _SuiteGroup(click.Group):
+    """`sparse-rt bench SUITE`: each suite's module is imported only when that suite runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from sparse_rt.bench import SUITES
+
+        return list(SUITES)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        import importlib
+
+        from sparse_rt.bench import SUITES
+
+        if name not in SUITES:
+            return None
+        return importlib.import_module(f"sparse_rt.bench.{name}").command
+
+
+@cli.group("bench", cls=_SuiteGroup)
+def bench_group() -> None:
+    """Measure bytes, throughput, latency and scaling, each against a baseline in the same run.
+
+    Every suite prints a table of medians after a warm-up; --json prints one
+    JSON object instead, --out DIR also writes SUITE.json and a PNG plot.
+    """
 
 
 @cli.command("pipelines")

@@ -68,6 +68,9 @@ class NodeConfig:
     lr: float | None = None
     resolution: int | None = None
     shard: str | None = None  # edge: "K/N" trains on the K-th of N parts of the training data (1-based)
+    phases: str | None = None  # edge: deprune's ascending BUDGET:EPOCHS schedule instead of --budget/--epochs
+    boost: float = 1.0  # edge: deprune's learning-rate factor for the first boost_epochs after a raise
+    boost_epochs: int = 0
     models: Path | None = None  # a model set (sparse-rt train prune): served per budget, inference only
     checkpoint: Path | None = None  # the server's tail or the edge's head, state_dict + optimizer
     checkpoint_every: int = 0  # steps between periodic checkpoints; 0 = only on a clean stop
@@ -95,6 +98,12 @@ class NodeConfig:
             raise ConfigError("--resume needs --checkpoint PATH to resume from")
         if self.shard is not None:
             shard_index(self.shard)
+        if self.phases is not None and (self.budget is not None or self.epochs is not None or self.mode != "train"):
+            raise ConfigError("--phases is a training schedule that sets budgets and epochs itself: "
+                              "leave out --budget and --epochs, and use --mode train")
+        if not self.boost > 0 or self.boost_epochs < 0:
+            raise ConfigError(f"boost must be positive and boost epochs 0 or more, got {self.boost} and "
+                              f"{self.boost_epochs}")
         for name in ("checkpoint_every", "retries"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")

@@ -25,9 +25,9 @@ from sparse_rt.wire.messages import Activations, Gradients, Hello, Welcome, deco
 class SlowTail(TailStage):
     """A tail whose training step takes a while, as a big model's would."""
 
-    def train_step(self, values, indices, labels):
+    def train_step(self, values, indices, labels, lr_scale=1.0):
         time.sleep(1.0)
-        return super().train_step(values, indices, labels)
+        return super().train_step(values, indices, labels, lr_scale)
 
 
 @pytest.fixture

@@ -90,7 +90,16 @@ class EdgeSession:
         assert self.session_id is not None, "open() the session first"
         with timer.stage("encode"):
             return encode_message(Activations(request_id, self.session_id, self.settings.codec, self.settings.lz4,
-                                              self.settings.channels, indices, values.detach(), labels, self.steps))
+                                              self.settings.channels, indices, values.detach(), labels, self.steps,
+                                              self.head.lr_scale.scale if labels is not None else 1.0))
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Train head and tail at ``scale`` times their base learning rates from the next step on.
+
+        The head is scaled here; the scale travels with every training step
+        (``lr_scale``), so the server's tail follows.
+        """
+        self.head.lr_scale.set(scale)
 
     def _forward_train(self, request_id: int, x: torch.Tensor, y: torch.Tensor,
                        timer: StageTimer) -> tuple[Sent, list[Any]]:

@@ -6,7 +6,9 @@ heads and switches between them without reconnecting.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -15,7 +17,18 @@ from sparse_rt.model.sides import CutShape
 from sparse_rt.pipeline import Pipeline
 from sparse_rt.runtime.build import build_halves
 from sparse_rt.runtime.checkpoint import read_checkpoint
-from sparse_rt.runtime.scheduled import read_manifest
+
+MANIFEST = "manifest.json"  # in a model set's folder: what each budget's model is
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{folder}: not a model set (no {MANIFEST}); make one with `sparse-rt train prune`") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
 
 
 def load_model_set(folder: Path, pipeline: Pipeline, side: str) -> tuple[dict[int, nn.Module], CutShape, int]:

@@ -29,7 +29,7 @@ from sparse_rt.runtime.modelset import load_model_set
 from sparse_rt.runtime.server import SplitServer
 from sparse_rt.runtime.summary import RunSummary, summarize
 from sparse_rt.runtime.training import TrainingResult, train
-from sparse_rt.schedules import fixed
+from sparse_rt.schedules import deprune, fixed, parse_phases
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.tail import TailStage
 from sparse_rt.transport.connection import bind_router
@@ -70,6 +70,7 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
         model, cut = server_side(pipeline, config.seed, resolution)
     optimizer = build_optimizer(model.parameters(), pipeline.optimizer, config.lr or pipeline.lr,
                                 pipeline.weight_decay)
+    tail_stage = TailStage(model, optimizer)  # before a resume: the base learning rate is the configured one
     steps_before = 0
     if config.resume:
         steps_before = int(read_checkpoint(config.checkpoint).restore(model, optimizer).get("steps", 0))
@@ -87,7 +88,7 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     connection = bind_router(context, config.bind, max(largest_frame(cut, config.max_batch), MAX_HEADER_BYTES))
     endpoint = connection.socket.getsockopt_string(zmq.LAST_ENDPOINT)
     metrics = MetricsLog(config.metrics)
-    server = SplitServer(pipeline.name, TailStage(model, optimizer), cut, pipeline.num_classes, connection,
+    server = SplitServer(pipeline.name, tail_stage, cut, pipeline.num_classes, connection,
                          metrics=metrics, after_step=after_step, model_set=model_set)
     stop = stop_on_signals()
     log.info("serving %s on %s: cut after '%s', %d channels of %dx%d (sent at %dx%d)", pipeline.name, endpoint,
@@ -142,7 +143,9 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
                     client.save(config.checkpoint, epochs_done=epoch, steps=step)
 
             first_epoch = int(client.resumed.get("epochs_done", 0))
-            result = await train(client.session, train_loader, fixed(client.budget, epochs),
+            plan = (deprune(parse_phases(config.phases, client.cut.channels), config.boost, config.boost_epochs)
+                    if config.phases else fixed(client.budget, epochs))
+            result = await train(client.session, train_loader, plan,
                                  samples_per_epoch=len(data.y_train),
                                  first_epoch=first_epoch, progress=False, stop=stop, after_step=checkpoint)
             if config.checkpoint is not None:

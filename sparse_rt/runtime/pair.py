@@ -75,6 +75,11 @@ class SplitPair:
         self._serving: asyncio.Task[None] | None = None
 
     @property
+    def session(self) -> EdgeSession:
+        """The edge's session, as :attr:`EdgeClient.session` (code that trains takes either)."""
+        return self.edge
+
+    @property
     def traffic(self) -> Traffic:
         """Bytes the edge's socket sent (up) and received (down) so far."""
         return self.link.connection.traffic

@@ -1,8 +1,11 @@
 """`sparse-rt train`: a schedule (deprune, prune, fixed) run split, with a CSV per epoch and model sets.
 
 The run is a :class:`~sparse_rt.runtime.pair.SplitPair` (edge and server in
-one process, every byte through a ZeroMQ socket) driven by the one training
-loop. After every epoch it evaluates split inference and appends a CSV row:
+one process, every byte through a ZeroMQ socket) or, given a server's
+address, an :class:`~sparse_rt.runtime.client.EdgeClient` connected to a
+running `sparse-rt node --role server`, as an edge node is; either way it
+is driven by the one training loop, which also sends the schedule's
+learning-rate boost to the server with every step. After every epoch it evaluates split inference and appends a CSV row:
 epoch, phase, budget, lr, train loss, test accuracy and the cumulative bytes
 of training traffic up and down, counted at the socket (evaluation traffic
 is not counted: it is measurement, not training). A prune run also saves
@@ -21,18 +24,19 @@ from typing import Any, Callable
 import torch
 
 from sparse_rt.config import RunConfig
-from sparse_rt.errors import DataError
-from sparse_rt.pipeline import get_pipeline
+from sparse_rt.errors import ConfigError
+from sparse_rt.pipeline import Pipeline, get_pipeline
 from sparse_rt.runtime.checkpoint import save_checkpoint
+from sparse_rt.runtime.client import EdgeClient
 from sparse_rt.runtime.local import load_data
+from sparse_rt.runtime.modelset import MANIFEST
 from sparse_rt.runtime.pair import SplitPair
 from sparse_rt.runtime.training import train
 from sparse_rt.schedules import EpochPlan
-from sparse_rt.stages.optimizer import scale_learning_rate
+from sparse_rt.transport.connection import Traffic
 from sparse_rt.wire.codecs import CODEC_NAMES, get_codec
 
 CSV_FIELDS = ("epoch", "phase", "budget", "lr", "train_loss", "test_accuracy", "bytes_up", "bytes_down", "seconds")
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -54,9 +58,30 @@ def payload_bytes_per_sample(budget: int, height: int, width: int) -> dict[str, 
     return {name: get_codec(name).max_packed_size(shape) / 64 for name in CODEC_NAMES}
 
 
+def _split(config: RunConfig, pipeline: Pipeline, resolution: int, lr: float,
+           connect: str | None) -> SplitPair | EdgeClient:
+    """This run's edge: with a server in this process, or connected to a running one (the edge node's code path).
+
+    The session is opened at budget C, the most any message may send; the plan sends fewer.
+    """
+    if connect is not None:
+        return EdgeClient(pipeline, connect, mode="train", codec=config.codec, lz4=config.lz4, resolution=resolution,
+                          seed=config.seed, lr=lr, timeout=config.request_timeout)
+    return SplitPair(pipeline.build_model(), pipeline.cut, pipeline.input_shape, budget=None,
+                     codec=config.codec, lz4=config.lz4, resolution=resolution, optimizer=pipeline.optimizer, lr=lr,
+                     weight_decay=pipeline.weight_decay, name=pipeline.name, transport=config.transport)
+
+
 async def run_schedule(method: str, config: RunConfig, plan_for: Callable[[int], list[EpochPlan]],
-                       out: Path) -> dict[str, Any]:
-    """Train by ``plan_for(channels at the cut)``; write out/metrics.csv, out/summary.json and, for prune, the model set."""
+                       out: Path, connect: str | None = None) -> dict[str, Any]:
+    """Train by ``plan_for(channels at the cut)``; write out/metrics.csv, out/summary.json and, for prune, the model set.
+
+    With ``connect``, the edge trains against the server running there (which
+    owns the tail, so a prune run's model set needs the server in this process).
+    """
+    if connect is not None and method == "prune":
+        raise ConfigError("prune saves each budget's head and tail as a model set, and a running server keeps its "
+                          "tail: run `sparse-rt train prune` without --connect")
     started = time.perf_counter()
     pipeline = get_pipeline(config.pipeline)
     data = load_data(pipeline, config)
@@ -64,20 +89,13 @@ async def run_schedule(method: str, config: RunConfig, plan_for: Callable[[int],
     torch.manual_seed(config.seed)
     train_loader, test_loader = data.loaders(config.batch_size or pipeline.batch_size, config.seed)
     lr = config.lr or pipeline.lr
-    # The session is opened at budget C, the most any message may send; the plan sends fewer.
-    pair = SplitPair(pipeline.build_model(), pipeline.cut, pipeline.input_shape, budget=None,
-                     codec=config.codec, lz4=config.lz4, resolution=resolution, optimizer=pipeline.optimizer, lr=lr,
-                     weight_decay=pipeline.weight_decay, name=pipeline.name, transport=config.transport)
+    pair = _split(config, pipeline, resolution, lr, connect)
     plan = plan_for(pair.cut.channels)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[EpochRow] = []
     models: list[dict[str, Any]] = []
     training_bytes = [0, 0]
-    mark = [replace(pair.traffic)]
-
-    def set_lr_factor(factor: float) -> None:
-        for optimizer in (pair.edge.head.optimizer, pair.server.tail.optimizer):
-            scale_learning_rate(optimizer, lr, factor)
+    mark: list[Traffic] = []  # the socket's counts at the last epoch's end (the handshake not counted)
 
     async def on_epoch_end(epoch: EpochPlan, loss: float) -> None:
         now = pair.traffic
@@ -96,8 +114,9 @@ async def run_schedule(method: str, config: RunConfig, plan_for: Callable[[int],
                                       sum(1 for e in plan if e.phase <= epoch.phase)))
 
     async with pair:
-        await train(pair.edge, train_loader, plan, samples_per_epoch=len(data.y_train), progress=config.progress,
-                    desc=f"{method} {pipeline.name}", set_lr_factor=set_lr_factor, on_epoch_end=on_epoch_end)
+        mark.append(replace(pair.traffic))
+        await train(pair.session, train_loader, plan, samples_per_epoch=len(data.y_train), progress=config.progress,
+                    desc=f"{method} {pipeline.name}", on_epoch_end=on_epoch_end)
     summary = {"method": method, "pipeline": pipeline.name, "seed": config.seed, "codec": config.codec,
                "lz4": config.lz4, "channels": pair.cut.channels, "epochs": len(plan),
                "final_test_accuracy": rows[-1].test_accuracy, "bytes_up": rows[-1].bytes_up,
@@ -123,13 +142,3 @@ def _save_model(out: Path, pair: SplitPair, pipeline: str, epoch: EpochPlan, acc
             "tail": f"{folder.name}/tail.pt", "test_accuracy": accuracy, "epochs": epochs, "seed": seed,
             "pipeline": pipeline,
             "bytes_per_sample": payload_bytes_per_sample(epoch.budget, cut.sent_height, cut.sent_width)}
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{folder}: not a model set (no {MANIFEST}); make one with `sparse-rt train prune`") from None
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None

@@ -246,7 +246,7 @@ class SplitServer:
         if message.step < session.last_step:
             raise WireError(f"step {message.step} is older than the last applied step {session.last_step}",
                             "stale_step")
-        grad, loss = self.tail.train_step(message.values, message.indices, message.labels)
+        grad, loss = self.tail.train_step(message.values, message.indices, message.labels, message.lr_scale)
         session.last_step = message.step
         session.last_reply = Gradients(message.id, session.id, message.step, session.codec, session.lz4,
                                        message.indices, grad, loss)

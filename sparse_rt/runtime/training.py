@@ -34,7 +34,6 @@ class TrainingResult:
 async def train(session: EdgeSession, loader: Iterable[Batch], plan: list[EpochPlan], *, samples_per_epoch: int,
                 first_epoch: int = 0, progress: bool = True, desc: str = "training",
                 stop: asyncio.Event | None = None, after_step: Callable[[int, int], None] | None = None,
-                set_lr_factor: Callable[[float], None] | None = None,
                 on_epoch_end: Callable[[EpochPlan, float], object] | None = None) -> TrainingResult:
     """Train the epochs of ``plan`` from ``first_epoch``; ``after_step(step, epoch)`` runs after every step.
 
@@ -50,8 +49,7 @@ async def train(session: EdgeSession, loader: Iterable[Batch], plan: list[EpochP
                 compressor.change_budget(epoch.budget, epoch.reset)
             explore = epoch.explore and epoch.budget < compressor.channels
             compressor.exploration = annealed_exploration(epoch.phase_epoch / epoch.phase_epochs) if explore else 0.0
-            if set_lr_factor is not None:
-                set_lr_factor(epoch.lr_factor)
+            session.set_lr_scale(epoch.lr_factor)
             total, count = 0.0, 0
             async for x, y in batches(loader):
                 if stop is not None and stop.is_set():

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_rt.model.sides import EdgeModel
+from sparse_rt.stages.optimizer import LearningRateScale
 
 
 @dataclass
@@ -23,6 +24,7 @@ class HeadStage:
     def __init__(self, model: EdgeModel, optimizer: torch.optim.Optimizer) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.lr_scale = LearningRateScale(optimizer)
 
     def forward_train(self, x: torch.Tensor) -> Sent:
         self.model.train()

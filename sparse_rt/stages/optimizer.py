@@ -20,7 +20,21 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float,
     raise ConfigError(f"unknown optimizer '{name}'; expected one of {', '.join(OPTIMIZERS)}")
 
 
-def scale_learning_rate(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> None:
-    """Set every group's learning rate to base_lr * factor (schedules call this per epoch)."""
-    for group in optimizer.param_groups:
-        group["lr"] = base_lr * factor
+class LearningRateScale:
+    """Sets an optimizer's learning rates to their values at construction times a scale.
+
+    Schedules boost the learning rate for a few epochs (deprune's gamma); the
+    edge scales its head and sends the scale with each step, so the server's
+    tail follows without a schedule of its own.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.base = [group["lr"] for group in optimizer.param_groups]
+        self.scale = 1.0
+
+    def set(self, scale: float) -> None:
+        """Also undoes a learning rate that a resumed optimizer state brought back."""
+        for group, base_lr in zip(self.optimizer.param_groups, self.base):
+            group["lr"] = base_lr * scale
+        self.scale = scale

@@ -40,6 +40,10 @@ def _shape(rank: int) -> Check:
 _is_bool: Check = lambda v: type(v) is bool
 _is_number: Check = lambda v: type(v) in (int, float) and v == v and abs(v) != float("inf")
 
+# Largest learning-rate multiplier a training step may ask for: schedules boost by a few x, not more.
+MAX_LR_SCALE = 100.0
+_is_lr_scale: Check = lambda v: _is_number(v) and 0 < v <= MAX_LR_SCALE
+
 # Fields every message has. The codecs' wire names are listed in codecs.CODEC_NAMES;
 # they are checked against the codec registry when the data frame is decoded.
 COMMON: dict[str, Check] = {"v": _int(PROTOCOL_VERSION, PROTOCOL_VERSION), "kind": _str(16), "id": _int()}
@@ -63,6 +67,11 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "grad": {**_TENSOR, "step": _int(), "shape": _shape(4), "loss": _is_number},
     "pred": {"session": _str(64), "shape": _shape(2)},
     "error": {"code": _str(64), "message": _str(2048)},
+}
+
+# Fields a message may leave out; absent means the default given in docs/PROTOCOL.md.
+OPTIONAL: dict[str, dict[str, Check]] = {
+    "train": {"lr_scale": _is_lr_scale},  # the tail's learning-rate multiplier for this step (default 1)
 }
 
 
@@ -99,13 +108,14 @@ def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
     if type(kind) is not str or kind not in SCHEMAS:
         raise WireError(f"unknown message kind {kind!r}; expected one of {', '.join(SCHEMAS)}", "bad_kind")
     schema = {**COMMON, **SCHEMAS[kind]}
+    optional = OPTIONAL.get(kind, {})
     missing = [name for name in schema if name not in fields]
     if missing:
         raise WireError(f"'{kind}' header lacks field(s) {', '.join(missing)}", "bad_header")
-    unknown = [name for name in fields if name not in schema]
+    unknown = [name for name in fields if name not in schema and name not in optional]
     if unknown:
         raise WireError(f"'{kind}' header has unknown field(s) {', '.join(map(str, unknown))}", "bad_header")
-    for name, check in schema.items():
-        if not check(fields[name]):
+    for name, check in {**schema, **optional}.items():
+        if name in fields and not check(fields[name]):
             raise WireError(f"'{kind}' header field '{name}' has invalid value {fields[name]!r}", "bad_header")
     return fields

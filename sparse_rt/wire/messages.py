@@ -62,6 +62,7 @@ class Activations:
     values: torch.Tensor  # (N, B, h, w) float32
     labels: torch.Tensor | None = None  # (N,) int64 when training
     step: int = 0
+    lr_scale: float = 1.0  # training only: the tail's learning rate times this for this step (schedules' boost)
 
     @property
     def kind(self) -> str:
@@ -126,6 +127,8 @@ def encode_message(msg: Message) -> list[Any]:
         if msg.labels is not None:
             name = _label_dtype(msg.labels)
             fields.update(step=msg.step, label_dtype=name)
+            if msg.lr_scale != 1.0:  # left out at its default: the common header stays as it was
+                fields["lr_scale"] = float(msg.lr_scale)
             frames.append(msg.labels.numpy().astype(LABEL_DTYPES[name]))
         frames[0] = encode_header(fields)
         return frames
@@ -189,7 +192,7 @@ def _decode_body(fields: dict[str, Any], frames: Sequence[Any]) -> Message:
             if labels.numel() and labels.min() < 0:
                 raise WireError("labels must be non-negative class indices", "bad_labels")
         return Activations(rid, fields["session"], fields["codec"], fields["lz4"], fields["channels"], indices,
-                           _values(fields, frames[2]), labels, fields.get("step", 0))
+                           _values(fields, frames[2]), labels, fields.get("step", 0), fields.get("lr_scale", 1.0))
     if kind == "grad":
         indices = _indices(frames[1], fields["shape"][1], None)
         return Gradients(rid, fields["session"], fields["step"], fields["codec"], fields["lz4"], indices,

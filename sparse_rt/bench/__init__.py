@@ -1,0 +1,13 @@
+"""`sparse-rt bench`: the numbers people choose a split runtime by, measured against a baseline in the same run.
+
+Each suite is one module here with a ``command`` (its click command) and a
+function that returns a :class:`~sparse_rt.bench.common.BenchReport`:
+
+- transport: sparse-rt's framed messages vs plain pyzmq between the same two processes
+- codec: fp32 / fp16 / int8 (+ lz4) on real activations: throughput, bytes, error
+- e2e: split training and inference over loopback vs the same model unsplit
+- edges: 1..32 edge processes on one server: throughput, fairness, latency, lost steps
+- link: a constrained link (bandwidth, delay) vs the bound it allows
+"""
+
+SUITES = ("transport", "codec", "e2e", "edges", "link")
