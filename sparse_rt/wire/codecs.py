@@ -37,6 +37,7 @@ Encoders may return a view of ``x``'s memory: do not modify ``x`` until the buff
 from __future__ import annotations
 
 import math
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
@@ -94,14 +95,27 @@ def _byte_view(buf: Buffer) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
+def _count_not_finite(array: np.ndarray) -> int:
+    """How many values are NaN or inf (0 for an empty array).
+
+    min and max make two passes without allocating (a NaN propagates into
+    both, an inf shows at one end); ``np.isfinite`` would build a boolean
+    array as large as the tensor, which costs more than sending it.
+    Only a bad array is counted value by value, for the error message.
+    """
+    if array.size == 0 or (np.isfinite(array.min()) and np.isfinite(array.max())):
+        return 0
+    return int(array.size - np.isfinite(array).sum())
+
+
 def _input_array(x: torch.Tensor) -> np.ndarray:
     """``x`` as a C-contiguous float32 array (usually a view), or ValueError for local misuse."""
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
         what = f"{x.dtype} tensor on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"codecs encode float32 CPU tensors, got a {what}")
     array = x.detach().contiguous().numpy()
-    if not np.isfinite(array).all():
-        bad = int(array.size - np.isfinite(array).sum())
+    bad = _count_not_finite(array)
+    if bad:
         raise ValueError(f"cannot encode a tensor of shape {tuple(x.shape)} with {bad} NaN/inf values")
     return array
 
@@ -112,6 +126,17 @@ def _fill(shape: tuple[int, ...], dtype: torch.dtype, wire_dtype: str, data: mem
     out = torch.empty(shape, dtype=dtype)
     out.numpy().reshape(-1)[:] = np.frombuffer(data, wire_dtype, count=out.numel(), offset=offset)
     return out
+
+
+# Below this size copying is cheaper than keeping a whole received frame alive for a view.
+VIEW_MIN_BYTES = 64 * 1024
+
+
+def _can_view(data: memoryview) -> bool:
+    """Whether a float32 tensor may be a view of ``data``: big, writable, 4-byte aligned, little-endian host."""
+    if data.nbytes < VIEW_MIN_BYTES or data.readonly or sys.byteorder != "little":
+        return False
+    return np.frombuffer(data, np.uint8, count=0).ctypes.data % 4 == 0
 
 
 class Codec(ABC):
@@ -126,7 +151,10 @@ class Codec(ABC):
 
     @abstractmethod
     def decode(self, buf: Buffer, shape: Sequence[int]) -> torch.Tensor:
-        """A new writable float32 tensor of exactly ``shape``, or WireError."""
+        """A writable float32 tensor of exactly ``shape``, or WireError.
+
+        It owns its memory, or (fp32, a large writable buffer) is a view that keeps ``buf`` alive.
+        """
 
     @abstractmethod
     def max_packed_size(self, shape: Sequence[int]) -> int:
@@ -160,10 +188,9 @@ class RawCodec(Codec):
         if data.nbytes != size:
             raise WireError(f"{self.name} data for shape {shape} must be {size} bytes, got {data.nbytes}")
         out = self._unpack(data, shape)
-        finite = np.isfinite(out.numpy())
-        if not finite.all():
-            raise WireError(f"{self.name} data for shape {shape} holds {finite.size - int(finite.sum())} "
-                            f"NaN/inf values; refusing to use them")
+        bad = _count_not_finite(out.numpy())
+        if bad:
+            raise WireError(f"{self.name} data for shape {shape} holds {bad} NaN/inf values; refusing to use them")
         return out
 
 
@@ -190,6 +217,8 @@ class Fp32(RawCodec):
         return x.astype("<f4", copy=False).reshape(-1).view(np.uint8).data  # x itself on little-endian hosts
 
     def _unpack(self, data: memoryview, shape: tuple[int, ...]) -> torch.Tensor:
+        if _can_view(data):  # a big received frame: use its memory instead of copying it
+            return torch.from_numpy(np.frombuffer(data, "<f4").reshape(shape))
         return _fill(shape, torch.float32, "<f4", data)
 
 

@@ -8,6 +8,7 @@ are plain bytes-like objects, so this layer is tested without sockets.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
@@ -155,7 +156,7 @@ def _indices(frame: Any, budget: int, channels: int | None) -> torch.Tensor:
     if budget < 1:
         raise WireError("a tensor message must carry at least one channel", "bad_shape")
     indices = _array(frame, INDEX_DTYPE, budget, "indices").astype(np.int64)
-    if np.any(np.diff(indices) <= 0):
+    if (indices[1:] <= indices[:-1]).any():
         raise WireError("channel indices must be strictly ascending (each channel once)", "bad_indices")
     if channels is not None:
         if budget > channels:
@@ -167,7 +168,7 @@ def _indices(frame: Any, budget: int, channels: int | None) -> torch.Tensor:
 
 def _check_size(shape: list[int]) -> None:
     """Refuse a shape too large to hold before anything is sized from it."""
-    if float(np.prod(shape, dtype=np.float64)) * 4 > MAX_TENSOR_BYTES:
+    if math.prod(shape) * 4 > MAX_TENSOR_BYTES:  # Python ints: no overflow
         raise WireError(f"shape {shape} exceeds the {MAX_TENSOR_BYTES} byte tensor limit", "too_large")
 
 
