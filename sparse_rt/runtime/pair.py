@@ -13,6 +13,7 @@ import uuid
 from typing import Iterable
 
 import torch
+import zmq
 import zmq.asyncio
 from torch import nn
 
@@ -26,10 +27,13 @@ from sparse_rt.stages.source import Batch
 from sparse_rt.stages.tail import TailStage
 from sparse_rt.transport.connection import Traffic, bind_router, connect_dealer
 from sparse_rt.transport.link import RequestLink
+from sparse_rt.transport.shaper import Shaper
 
 
 def local_address(transport: str) -> str:
-    """A fresh address on this machine: inproc:// (same process) or an ipc:// socket file."""
+    """A fresh address on this machine: inproc:// (same process), an ipc:// socket file, or tcp:// on loopback."""
+    if transport == "tcp":
+        return "tcp://127.0.0.1:*"  # a free port, read back after binding
     if transport == "ipc":
         return f"ipc://{os.path.join(tempfile.gettempdir(), f'sparse-rt-{uuid.uuid4().hex[:12]}.sock')}"
     return f"inproc://sparse-rt-{uuid.uuid4().hex}"
@@ -51,12 +55,15 @@ class SplitPair:
     Use ``async with SplitPair(...) as pair`` and call :meth:`train_step`,
     :meth:`infer`, :meth:`train_epoch`, :meth:`evaluate`. Each side gets its
     own optimizer over its own parameters; ``budget=None`` sends all channels.
+    ``shaper`` puts both sockets on one modelled link of limited rate and delay
+    (transport/shaper.py), e.g. with ``transport="tcp"`` for `sparse-rt bench link`.
     """
 
     def __init__(self, model: nn.Module, cut: str, input_shape: tuple[int, int, int], *, budget: int | None = None,
                  codec: str = "fp32", lz4: bool = False, resolution: int = 0, optimizer: str = "adam",
                  lr: float = 1e-3, weight_decay: float = 0.0, transport: str = "inproc", name: str = "custom",
-                 request_timeout: float = 60.0, weights: PruneLossWeights = PruneLossWeights()) -> None:
+                 request_timeout: float = 60.0, weights: PruneLossWeights = PruneLossWeights(),
+                 shaper: Shaper | None = None) -> None:
         num_classes = count_outputs(model, input_shape)
         self.edge_model, self.server_model, self.cut = build_sides(model, cut, input_shape, budget, resolution,
                                                                    weights)
@@ -66,9 +73,12 @@ class SplitPair:
         self._context = zmq.asyncio.Context()
         tail = TailStage(self.server_model, build_optimizer(self.server_model.parameters(), optimizer, lr,
                                                             weight_decay))
-        self.server = SplitServer(name, tail, self.cut, num_classes, bind_router(self._context, self.address))
+        server_socket = bind_router(self._context, self.address, shaper=shaper)
+        self.address = server_socket.socket.getsockopt_string(zmq.LAST_ENDPOINT)  # the port, for tcp
+        self.server = SplitServer(name, tail, self.cut, num_classes, server_socket)
         head = HeadStage(self.edge_model, build_optimizer(self.edge_model.parameters(), optimizer, lr, weight_decay))
-        self.link = RequestLink(connect_dealer(self._context, self.address), self.address, request_timeout)
+        self.link = RequestLink(connect_dealer(self._context, self.address, shaper=shaper), self.address,
+                                request_timeout)
         self.edge = EdgeSession(head, self.link,
                                 SessionSettings(name, self.cut.channels, self.budget, codec, lz4,
                                                 resolution=resolution))

@@ -8,6 +8,10 @@ ROUTER's routing-id frame never crosses the wire and is not counted either).
 Frames go out with ``copy=False``; pyzmq still copies frames below the
 socket's ``copy_threshold`` (64 KiB by default), which is where zero-copy
 stops paying off.
+
+A connection may be given a :class:`~sparse_rt.transport.shaper.Shaper`: its
+messages then cross a modelled link of limited rate and delay before they
+reach ZeroMQ (see shaper.py). Without one, ``send`` is exactly the plain path.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from typing import Any, Sequence
 
 import zmq
 import zmq.asyncio
+
+from sparse_rt.transport.shaper import ShapedSender, Shaper
 
 
 @dataclass
@@ -35,14 +41,22 @@ def frame_bytes(frames: Sequence[Any]) -> int:
 class Connection:
     """One socket, one byte counter. DEALER and ROUTER differ only in routing ids."""
 
-    def __init__(self, socket: zmq.asyncio.Socket) -> None:
+    def __init__(self, socket: zmq.asyncio.Socket, shaper: Shaper | None = None) -> None:
         self.socket = socket
         self.routed = socket.type == zmq.ROUTER
         self.traffic = Traffic()
+        self.shaper = shaper
+        self._shaped = None if shaper is None else ShapedSender(shaper, self._send_now)
+
+    async def _send_now(self, message: list[Any]) -> None:
+        await self.socket.send_multipart(message, copy=False)
 
     async def send(self, frames: Sequence[Any], route: bytes | None = None) -> None:
         envelope = [route] if self.routed else []
-        await self.socket.send_multipart([*envelope, *frames], copy=False)
+        if self._shaped is None:
+            await self.socket.send_multipart([*envelope, *frames], copy=False)
+        else:
+            await self._shaped.send([*envelope, *frames], frame_bytes(frames))
         self.traffic.bytes_sent += frame_bytes(frames)
         self.traffic.messages_sent += 1
 
@@ -55,11 +69,13 @@ class Connection:
         return route, frames
 
     def close(self) -> None:
+        if self._shaped is not None:
+            self._shaped.close()
         self.socket.close(linger=0)
 
 
 def _open(context: zmq.asyncio.Context, kind: int, attach: str, address: str,
-          max_message_bytes: int | None) -> Connection:
+          max_message_bytes: int | None, shaper: Shaper | None) -> Connection:
     socket = context.socket(kind)
     socket.setsockopt(zmq.LINGER, 0)
     if max_message_bytes is not None:
@@ -70,14 +86,19 @@ def _open(context: zmq.asyncio.Context, kind: int, attach: str, address: str,
     except zmq.ZMQError as exc:
         socket.close(linger=0)
         raise OSError(f"cannot {attach} {address}: {exc}") from None
-    return Connection(socket)
+    return Connection(socket, shaper)
 
 
-def bind_router(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None) -> Connection:
-    """The server's socket. A bind failure names the address."""
-    return _open(context, zmq.ROUTER, "bind", address, max_message_bytes)
+def bind_router(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None,
+                shaper: Shaper | None = None) -> Connection:
+    """The server's socket (its sends are the downlink). A bind failure names the address."""
+    return _open(context, zmq.ROUTER, "bind", address, max_message_bytes, shaper)
 
 
-def connect_dealer(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None) -> Connection:
-    """An edge's socket. Connecting is lazy in ZeroMQ: a missing server shows up as a timeout."""
-    return _open(context, zmq.DEALER, "connect", address, max_message_bytes)
+def connect_dealer(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None,
+                   shaper: Shaper | None = None) -> Connection:
+    """An edge's socket (its sends are the uplink).
+
+    Connecting is lazy in ZeroMQ: a missing server shows up as a timeout.
+    """
+    return _open(context, zmq.DEALER, "connect", address, max_message_bytes, shaper)
