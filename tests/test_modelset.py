@@ -71,3 +71,26 @@ def test_a_model_set_server_refuses_training(model_set, served):
 
     with pytest.raises(RemoteError, match="inference only"):
         asyncio.run(train_session())
+
+
+async def test_pipelined_predictions_match_one_request_at_a_time_in_order(model_set, served):
+    x = load_digits(seed=0).x_test[:320]
+    chunks = list(x.split(64))
+    async with EdgeClient("digits_cnn", served, model_set=model_set, budget=8) as edge:
+        one_by_one = [await edge.infer(chunk) for chunk in chunks]
+        for inflight in (1, 3, 8):
+            pipelined = [logits async for logits in edge.infer_many(chunks, inflight=inflight)]
+            assert len(pipelined) == len(chunks)
+            for a, b in zip(pipelined, one_by_one):
+                assert torch.allclose(a, b, atol=1e-6)
+        with pytest.raises(ValueError, match="inflight"):
+            [logits async for logits in edge.infer_many(chunks, inflight=0)]
+
+
+def test_the_blocking_client_pipelines_predictions_too(model_set, served):
+    from sparse_rt.runtime.client import SyncEdgeClient
+
+    chunks = list(load_digits(seed=0).x_test[:192].split(64))
+    with SyncEdgeClient("digits_cnn", served, model_set=model_set, budget=2) as edge:
+        expected = [edge.infer(chunk) for chunk in chunks]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(edge.infer_many(chunks), expected))

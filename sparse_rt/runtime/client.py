@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, Coroutine, Iterable, TypeVar
 
 import torch
@@ -128,6 +129,15 @@ class EdgeClient:
         """One split training step (needs ``mode="train"``); returns the batch's loss."""
         return await self._session.train_step(x, y)
 
+    def infer_many(self, inputs: Iterable[torch.Tensor] | AsyncIterable[torch.Tensor],
+                   inflight: int = 4) -> AsyncIterator[torch.Tensor]:
+        """Logits for each batch, in order, with up to ``inflight`` requests in flight (``async for``).
+
+        Faster than awaiting :meth:`infer` per batch: the head computes the
+        next batch while the server runs the tail of the previous ones.
+        """
+        return self._session.infer_many(inputs, inflight)
+
     async def evaluate(self, loader: Iterable[Batch], inflight: int = 4) -> float:
         return await self._session.evaluate(loader, inflight)
 
@@ -175,6 +185,13 @@ class SyncEdgeClient:
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         return self._call(self.client.infer(x))
+
+    def infer_many(self, inputs: Iterable[torch.Tensor], inflight: int = 4) -> list[torch.Tensor]:
+        """Logits for each batch, in order, pipelined as :meth:`EdgeClient.infer_many`."""
+        async def collect() -> list[torch.Tensor]:
+            return [logits async for logits in self.client.infer_many(inputs, inflight)]
+
+        return self._call(collect())
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         return self._call(self.client.train_step(x, y))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, Callable, Iterable, TypeVar
 
 import torch
@@ -22,6 +24,9 @@ from sparse_rt.wire.messages import (Activations, ErrorReply, Gradients, Hello, 
                                      decode_message, encode_message)
 
 T = TypeVar("T")
+
+# Replies up to this size are decoded on the event loop instead of the worker thread.
+INLINE_DECODE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -69,10 +74,17 @@ class EdgeSession:
 
     async def _exchange(self, request_id: int, frames: list[Any], expected: type,
                         timer: StageTimer) -> tuple[Message, int]:
-        """Send, wait, decode; returns the reply and its size in bytes."""
+        """Send, wait, decode; returns the reply and its size in bytes.
+
+        A small reply (predictions, a welcome) is decoded right here: a trip
+        to the worker thread and back costs more than the decode.
+        """
         with timer.stage("wait"):
             header, raw = await self.link.request(request_id, frames)
-        return await self._off_loop(self._decode, header, raw, expected, timer), frame_bytes(raw)
+        size = frame_bytes(raw)
+        if size <= INLINE_DECODE_BYTES:
+            return self._decode(header, raw, expected, timer), size
+        return await self._off_loop(self._decode, header, raw, expected, timer), size
 
     async def open(self) -> str:
         """Handshake: the server checks pipeline, channels, budget, resolution and codec, or refuses with a reason."""
@@ -107,20 +119,24 @@ class EdgeSession:
             sent = self.head.forward_train(x)
         return sent, self._encode(request_id, sent.values, sent.indices, y, timer)
 
-    def _backward(self, sent: Sent, grad: torch.Tensor, timer: StageTimer) -> None:
+    def _backward(self, header: dict[str, Any], raw: list[Any], sent: Sent, timer: StageTimer) -> Gradients:
+        """Decode the gradient and run the head's backward: one trip to the worker thread for both."""
+        reply = self._decode(header, raw, Gradients, timer)
+        if not torch.equal(reply.indices, sent.indices) or reply.values.shape != sent.values.shape:
+            raise WireError("the gradient reply does not match the channels sent", "bad_reply")
         with timer.stage("backward"):
-            self.head.backward(sent, grad)
+            self.head.backward(sent, reply.values)
+        return reply
 
     async def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One split-learning step; returns the server's task loss for the batch."""
         timer, request_id = StageTimer(), self.link.next_id()
         sent, frames = await self._off_loop(self._forward_train, request_id, x, y, timer)
-        reply, bytes_down = await self._exchange(request_id, frames, Gradients, timer)
-        if not torch.equal(reply.indices, sent.indices) or reply.values.shape != sent.values.shape:
-            raise WireError("the gradient reply does not match the channels sent", "bad_reply")
-        await self._off_loop(self._backward, sent, reply.values, timer)
+        with timer.stage("wait"):
+            header, raw = await self.link.request(request_id, frames)
+        reply = await self._off_loop(self._backward, header, raw, sent, timer)
         self.metrics.record(timer, kind="train", id=request_id, step=self.steps, samples=len(y), loss=reply.loss,
-                            bytes_up=frame_bytes(frames), bytes_down=bytes_down)
+                            bytes_up=frame_bytes(frames), bytes_down=frame_bytes(raw))
         self.steps += 1
         return reply.loss
 
@@ -148,28 +164,50 @@ class EdgeSession:
                 on_batch(len(y), loss)
         return total / max(count, 1)
 
-    async def evaluate(self, loader: Iterable[Batch], inflight: int = 4) -> float:
-        """Accuracy of split inference over ``loader``, with up to ``inflight`` requests on the wire at once.
+    async def infer_many(self, inputs: Iterable[torch.Tensor] | AsyncIterable[torch.Tensor],
+                         inflight: int = 4) -> AsyncIterator[torch.Tensor]:
+        """Logits for each input batch, in order, with up to ``inflight`` requests on the wire at once.
 
         The head works on the next batch while earlier ones are on the network
         or in the server's tail, so neither side waits for the other.
         """
-        async def correct(x: torch.Tensor, y: torch.Tensor) -> int:
-            return int((await self.infer(x)).argmax(dim=1).eq(y).sum())
-
-        right, count, pending = 0, 0, set()
+        if inflight < 1:
+            raise ValueError(f"inflight must be at least 1, got {inflight}")
+        pending: deque[asyncio.Task[torch.Tensor]] = deque()
         try:
-            async for x, y in batches(loader):
+            async for x in _async_iter(inputs):
                 if len(pending) >= inflight:
-                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                    right += sum(task.result() for task in done)
-                pending.add(asyncio.create_task(correct(x, y)))
-                count += len(y)
-            right += sum(await asyncio.gather(*pending))
+                    yield await pending.popleft()
+                pending.append(asyncio.create_task(self.infer(x)))
+            while pending:
+                yield await pending.popleft()
         finally:
             for task in pending:
                 task.cancel()
+
+    async def evaluate(self, loader: Iterable[Batch], inflight: int = 4) -> float:
+        """Accuracy of split inference over ``loader``, pipelined as :meth:`infer_many`."""
+        labels: deque[torch.Tensor] = deque()
+
+        async def inputs() -> AsyncIterator[torch.Tensor]:
+            async for x, y in batches(loader):
+                labels.append(y)
+                yield x
+
+        right, count = 0, 0
+        async for logits in self.infer_many(inputs(), inflight):
+            y = labels.popleft()
+            right, count = right + int(logits.argmax(dim=1).eq(y).sum()), count + len(y)
         return right / max(count, 1)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+async def _async_iter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
