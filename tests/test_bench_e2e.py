@@ -6,19 +6,12 @@ import math
 
 import pytest
 
-from sparse_rt.cli import main
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(["bench", *argv])
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
+from tests.bench_helpers import bench_usage_error, run_bench
 
 
 def test_e2e_reports_split_and_local_rates_with_stages(capsys, tmp_path):
-    code, out, err = _run(capsys, "e2e", "--pipelines", "digits_cnn", "--batches", "3", "--repeats", "1",
-                          "--warmup", "1", "--batch-size", "16", "--json", "--out", str(tmp_path))
+    code, out, err = run_bench(capsys, "e2e", "--pipelines", "digits_cnn", "--batches", "3", "--repeats", "1",
+                               "--warmup", "1", "--batch-size", "16", "--json", "--out", str(tmp_path))
     assert code == 0, err
     report = json.loads(out)
     assert report["suite"] == "e2e" and report["settings"]["pipelines"] == ["digits_cnn"]
@@ -44,6 +37,4 @@ def test_e2e_reports_split_and_local_rates_with_stages(capsys, tmp_path):
     (("--batches", "0"), "--batches"),
 ])
 def test_bad_options_give_one_line_and_exit_code_2(capsys, argv, expected):
-    code, _, err = _run(capsys, "e2e", *argv)
-    assert code == 2
-    assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+    assert expected in bench_usage_error(capsys, "e2e", *argv)

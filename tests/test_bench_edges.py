@@ -5,19 +5,12 @@ import json
 
 import pytest
 
-from sparse_rt.cli import main
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(["bench", *argv])
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
+from tests.bench_helpers import bench_usage_error, run_bench
 
 
 def test_edges_train_in_one_window_and_lose_no_step(capsys, tmp_path):
-    code, out, err = _run(capsys, "edges", "--edges", "1,2", "--seconds", "1", "--repeats", "2", "--warmup", "1",
-                          "--batch-size", "16", "--json", "--out", str(tmp_path))
+    code, out, err = run_bench(capsys, "edges", "--edges", "1,2", "--seconds", "1", "--repeats", "2", "--warmup", "1",
+                               "--batch-size", "16", "--json", "--out", str(tmp_path))
     assert code == 0, err
     report = json.loads(out)
     assert report["suite"] == "edges" and report["settings"]["pipeline"] == "digits_cnn"
@@ -40,6 +33,4 @@ def test_edges_train_in_one_window_and_lose_no_step(capsys, tmp_path):
     (("--seconds", "0"), "--seconds"),
 ])
 def test_bad_options_give_one_line_and_exit_code_2(capsys, argv, expected):
-    code, _, err = _run(capsys, "edges", *argv)
-    assert code == 2
-    assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+    assert expected in bench_usage_error(capsys, "edges", *argv)

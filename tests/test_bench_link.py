@@ -4,24 +4,19 @@ from __future__ import annotations
 import json
 import math
 
+import click
 import pytest
 
-from sparse_rt.bench.link import COLUMNS, choose_shaper, resolve_budget
+from sparse_rt.bench.common import BudgetList, resolve_budget, resolve_budgets
+from sparse_rt.bench.link import COLUMNS, choose_shaper
 from sparse_rt.bench.netns import netem_problem
-from sparse_rt.cli import main
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(["bench", "link", *argv])
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
+from tests.bench_helpers import bench_usage_error, run_bench
 
 
 def test_link_suite_reports_rows_against_the_bound(capsys, tmp_path):
-    code, out, err = _run(capsys, "--pipeline", "digits_cnn", "--mbps", "20", "--rtt-ms", "4", "--budgets", "C,C/8",
-                          "--codecs", "fp32,int8", "--steps", "2", "--repeats", "1", "--warmup", "1",
-                          "--shaper", "token-bucket", "--json", "--out", str(tmp_path))
+    code, out, err = run_bench(capsys, "link", "--pipeline", "digits_cnn", "--mbps", "20", "--rtt-ms", "4",
+                               "--budgets", "C,C/8", "--codecs", "fp32,int8", "--steps", "2", "--repeats", "1",
+                               "--warmup", "1", "--shaper", "token-bucket", "--json", "--out", str(tmp_path))
     assert code == 0, err
     report = json.loads(out)  # exactly one JSON object on stdout
     assert report["suite"] == "link"
@@ -44,16 +39,18 @@ def test_link_suite_reports_rows_against_the_bound(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, words", [(["--mbps", "0"], "positive"), (["--mbps", "ten"], "numbers"),
-                                          (["--budgets", "C/0"], "budget"), (["--codecs", "fp8"], "unknown codec")])
+                                          (["--budgets", "C/0"], "budget"), (["--codecs", "fp8"], "unknown codec"),
+                                          (["--pipeline", "nope"], "unknown pipeline 'nope'")])
 def test_bad_options_fail_with_exit_code_2(capsys, argv, words):
-    code, out, err = _run(capsys, "--pipeline", "digits_cnn", *argv)
-    assert code == 2
-    assert words in err and "Traceback" not in err
-    assert out == ""
+    assert words in bench_usage_error(capsys, "link", "--pipeline", "digits_cnn", *argv)
 
 
 def test_budgets_resolve_against_the_cut():
+    assert BudgetList().convert("C, C / 4,C/32,C/128,5", None, None) == ["C", "C/4", "C/32", "C/128", "5"]
     assert [resolve_budget(item, 64) for item in ("C", "C/4", "C/32", "C/128", "5")] == [64, 16, 2, 1, 5]
+    assert resolve_budgets(["C", "64", "C/4", "16"], 64) == [64, 16]  # in order, each once
+    with pytest.raises(click.BadParameter, match="between 1 and 64"):
+        resolve_budget("65", 64)
 
 
 def test_auto_uses_netem_when_the_kernel_has_it_and_says_why_not_otherwise(capsys):
@@ -62,5 +59,5 @@ def test_auto_uses_netem_when_the_kernel_has_it_and_says_why_not_otherwise(capsy
     assert used == ("netem" if problem is None else "token-bucket")
     if problem is not None:
         assert problem in why
-        code, out, err = _run(capsys, "--pipeline", "digits_cnn", "--shaper", "netem")
-        assert code == 2 and "kernel shaper cannot run here" in err
+        err = bench_usage_error(capsys, "link", "--pipeline", "digits_cnn", "--shaper", "netem")
+        assert "kernel shaper cannot run here" in err

@@ -11,7 +11,6 @@ the decoded values against the fp32 originals.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparse_rt.bench.common import BenchReport, bench_options, emit, median_time, pyplot
+from sparse_rt.bench.common import (DEFAULT_BUDGETS, BenchReport, BudgetList, PipelineList, bench_options, emit,
+                                    median_time, pyplot, resolve_budgets, save_figure, torch_threads)
 from sparse_rt.data.datasets import TensorSplit
 from sparse_rt.errors import DataError
 from sparse_rt.model.sides import build_sides
@@ -28,41 +28,7 @@ from sparse_rt.pipeline import Pipeline, get_pipeline
 from sparse_rt.wire.codecs import CODEC_NAMES, get_codec
 from sparse_rt.wire.messages import Activations, encode_message
 
-DEFAULT_BUDGETS = "C,C/4,C/32"
 PREFERRED, FALLBACK = "cifar_cnn", "digits_cnn"
-
-
-class BudgetList(click.ParamType):
-    """Comma-separated budgets: a channel count (16), C (all channels) or C/k (a k-th of them)."""
-
-    name = "BUDGETS"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[tuple[int, int]]:
-        if isinstance(value, list):
-            return value
-        specs = []
-        for item in str(value).split(","):
-            match = re.fullmatch(r"\s*(?:(\d+)|C(?:\s*/\s*(\d+))?)\s*", item)
-            if match is None or 0 in (int(match.group(1) or 1), int(match.group(2) or 1)):
-                self.fail(f"{item.strip()!r} is not a budget; expected a channel count >= 1, C or C/k "
-                          f"(e.g. {DEFAULT_BUDGETS})", param, ctx)
-            # (count, 0) for a fixed count; (0, k) for C/k, resolved once the cut's C is known.
-            specs.append((int(match.group(1)), 0) if match.group(1) else (0, int(match.group(2) or 1)))
-        return specs
-
-
-def resolve_budgets(specs: list[tuple[int, int]], channels: int) -> list[int]:
-    """The budgets in channels, in the order given, each once; BadParameter if one does not fit the cut."""
-    budgets = []
-    for count, divisor in specs:
-        budget = count or channels // divisor
-        what = f"C/{divisor}" if divisor else str(count)
-        if not 1 <= budget <= channels:
-            raise click.BadParameter(f"{what} is {budget} channels; the cut has {channels}, so a budget must be "
-                                     f"between 1 and {channels}", param_hint="'--budgets'")
-        if budget not in budgets:
-            budgets.append(budget)
-    return budgets
 
 
 def _pipeline_and_data(name: str | None, seed: int) -> tuple[Pipeline, TensorSplit, str | None]:
@@ -132,11 +98,15 @@ def measure_budget(batches: list[torch.Tensor], indices: torch.Tensor, labels: l
     return rows
 
 
-def run_codec(pipeline_name: str | None, budget_specs: list[tuple[int, int]], samples: int, train_steps: int,
-              seed: int, repeats: int, warmup: int, threads: int = 0) -> BenchReport:
-    """Real activations of ``pipeline`` at each budget, through every codec with and without lz4."""
-    if threads:
-        torch.set_num_threads(threads)
+def run_codec(pipeline_name: str | None, budget_items: list[str], samples: int, train_steps: int, seed: int,
+              repeats: int, warmup: int, threads: int = 0) -> BenchReport:
+    """Real activations of ``pipeline`` at each budget (C, C/k or a count), through every codec with and without lz4."""
+    with torch_threads(threads):
+        return _run_codec(pipeline_name, budget_items, samples, train_steps, seed, repeats, warmup)
+
+
+def _run_codec(pipeline_name: str | None, budget_items: list[str], samples: int, train_steps: int, seed: int,
+               repeats: int, warmup: int) -> BenchReport:
     pipeline, data, fallback = _pipeline_and_data(pipeline_name, seed)
     torch.manual_seed(seed)
     model = pipeline.build_model()
@@ -145,7 +115,7 @@ def run_codec(pipeline_name: str | None, budget_specs: list[tuple[int, int]], sa
     report = BenchReport("codec", columns=("budget", "codec", "lz4", "bytes_per_sample", "vs_fp32",
                                            "message_bytes_per_sample", "MB_s", "max_abs_err", "rel_rms_err"))
     _, _, cut = build_sides(model, pipeline.cut, pipeline.input_shape, None, pipeline.resolution)
-    budgets = resolve_budgets(budget_specs, cut.channels)
+    budgets = resolve_budgets(budget_items, cut.channels)
     for budget in budgets:
         edge, _, cut = build_sides(model, pipeline.cut, pipeline.input_shape, budget, pipeline.resolution)
         edge.eval()  # exact top-B, batch norm with the running statistics: what inference sends
@@ -207,14 +177,12 @@ def plot(report: BenchReport, path: Path) -> None:
     speed.set_title("codec throughput per budget")
     speed.legend()
     speed.grid(True, axis="y", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path, dpi=100)
 
 
 @click.command("codec")
 @bench_options
-@click.option("--pipeline", default=None,
+@click.option("--pipeline", type=PipelineList(), default=None,
               help=f"Pipeline whose activations are encoded [default: {PREFERRED} if the CIFAR-10 subset is on disk, "
                    f"else {FALLBACK}].")
 @click.option("--budgets", type=BudgetList(), default=DEFAULT_BUDGETS, show_default=True,
@@ -227,7 +195,7 @@ def plot(report: BenchReport, path: Path) -> None:
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="torch intra-op threads while measuring (0 = torch's default).")
 def command(as_json: bool, out: Path | None, repeats: int, warmup: int, pipeline: str | None,
-            budgets: list[tuple[int, int]], samples: int, train_steps: int, seed: int, threads: int) -> None:
+            budgets: list[str], samples: int, train_steps: int, seed: int, threads: int) -> None:
     """fp32 / fp16 / int8, each with and without lz4, on a pipeline's real activations.
 
     Per budget and codec: bytes per sample, encode + decode throughput, and

@@ -5,21 +5,36 @@ configuration, plus the settings and notes that make the numbers
 reproducible) and hands it to :func:`emit`. Medians over repeated runs
 after a warm-up keep one slow run (a page fault, a scheduler hiccup on a
 2-core machine) from deciding a figure.
+
+Also here, as more than one suite uses them: the option types for
+pipelines (:class:`PipelineList`) and budgets (:class:`BudgetList`,
+:func:`resolve_budgets`), :func:`torch_threads`, and :func:`start_server`
+for the suites that run a `sparse-rt node --role server` process.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import re
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import click
 
 from sparse_rt.cli_options import options
+from sparse_rt.errors import ConfigError
+from sparse_rt.pipeline import available_pipelines, get_pipeline
+
+if TYPE_CHECKING:
+    from sparse_rt.runtime.launch import NodeProcess
+
+DEFAULT_BUDGETS = "C,C/4,C/32"
+SERVER_TIMEOUT = 120.0  # seconds for a server process to start, or to stop and print its summary
 
 
 @dataclass
@@ -103,6 +118,13 @@ def pyplot():
     return plt
 
 
+def save_figure(figure: Any, path: Path, dpi: int) -> None:
+    """Lay out ``figure``, write it to ``path`` and free it."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    pyplot().close(figure)
+
+
 def emit(report: BenchReport, as_json: bool, out: Path | None,
          plot: Callable[[BenchReport, Path], None] | None = None) -> None:
     """Print the table (or one JSON object); with ``out``, also write SUITE.json and SUITE.png there."""
@@ -129,3 +151,108 @@ bench_options = options(
     click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
                  help="Untimed runs before the timed ones."),
 )
+
+
+class PipelineList(click.ParamType):
+    """A pipeline (or, with ``several``, comma-separated pipelines): registered names or ``module:attribute``.
+
+    An unknown name fails at parse time, naming the option (exit code 2),
+    instead of once the suite has started.
+    """
+
+    def __init__(self, several: bool = False) -> None:
+        self.several = several
+        self.name = "PIPELINES" if several else "PIPELINE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str | list[str]:
+        if isinstance(value, list):
+            return value
+        names = [name.strip() for name in str(value).split(",")] if self.several else [str(value).strip()]
+        names = [name for name in names if name]
+        if not names:
+            self.fail("give at least one pipeline", param, ctx)
+        registered = available_pipelines()
+        for name in names:
+            if name not in registered:
+                try:
+                    get_pipeline(name)  # module:attribute loads; anything else says what is available
+                except ConfigError as exc:
+                    self.fail(str(exc), param, ctx)
+        return names if self.several else names[0]
+
+
+class BudgetList(click.ParamType):
+    """Comma-separated budgets: C (every channel), C/k (a k-th of them) or a number of channels.
+
+    Each becomes ``"C"``, ``"C/k"`` or ``"n"``; :func:`resolve_budgets` turns
+    them into channel counts once the cut's channel count C is known.
+    """
+
+    name = "BUDGETS"
+    _ITEM = re.compile(r"C(?:\s*/\s*0*([1-9][0-9]*))?|0*([1-9][0-9]*)")
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[str]:
+        if isinstance(value, list):
+            return value
+        items = []
+        for item in str(value).split(","):
+            match = self._ITEM.fullmatch(item.strip())
+            if match is None:
+                self.fail(f"{item.strip()!r} is not a budget; expected C, C/k or a channel count >= 1 "
+                          f"(e.g. {DEFAULT_BUDGETS})", param, ctx)
+            divisor, count = match.groups()
+            items.append(count or (f"C/{divisor}" if divisor else "C"))
+        return items
+
+
+def resolve_budget(item: str, channels: int) -> int:
+    """'C' -> C, 'C/4' -> C // 4 (at least 1), '8' -> 8; a count above C is refused, naming --budgets."""
+    if item == "C":
+        return channels
+    if item.startswith("C/"):
+        return max(1, channels // int(item[2:]))
+    if not 1 <= int(item) <= channels:
+        raise click.BadParameter(f"budget {item} is more than the cut's {channels} channels; a budget must be "
+                                 f"between 1 and {channels}", param_hint="'--budgets'")
+    return int(item)
+
+
+def resolve_budgets(items: Sequence[str], channels: int) -> list[int]:
+    """The budgets in channels, in the order given, each once."""
+    return list(dict.fromkeys(resolve_budget(item, channels) for item in items))
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """This process and the processes started inside use ``threads`` torch threads (0: torch's default).
+
+    Children learn it from OMP_NUM_THREADS, which torch reads at start. On a
+    shared 2-core machine, 2-thread OpenMP pools in two busy processes spin
+    against each other and make step times swing several-fold.
+    """
+    import torch
+
+    saved_env, saved_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved_threads)
+        if saved_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_env
+
+
+def start_server(options: dict[str, Any]) -> tuple[NodeProcess, str]:
+    """A `sparse-rt node --role server` process on a free loopback port, and its address; a failed start is one error."""
+    from sparse_rt.runtime.launch import NodeProcess
+
+    server = NodeProcess("server", {"bind": "tcp://127.0.0.1:*", "json": True, **options})
+    try:
+        return server, server.wait_ready(SERVER_TIMEOUT)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+

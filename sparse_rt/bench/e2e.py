@@ -16,22 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import click
 import torch
 from torch.nn import functional as F
 
-from sparse_rt.bench.common import BenchReport, bench_options, emit, median_time, pyplot
-from sparse_rt.pipeline import Pipeline, available_pipelines, get_pipeline
+from sparse_rt.bench.common import (SERVER_TIMEOUT, BenchReport, PipelineList, bench_options, emit, median_time,
+                                    pyplot, save_figure, start_server, torch_threads)
+from sparse_rt.pipeline import Pipeline, get_pipeline
 from sparse_rt.runtime.client import EdgeClient
-from sparse_rt.runtime.launch import NodeProcess
 from sparse_rt.stages.optimizer import build_optimizer
 
 PIPELINES = ("digits_cnn", "cifar_cnn", "vgg11_cifar10")
@@ -41,7 +39,6 @@ EDGE_STAGES = ("head", "encode", "wait", "decode", "backward")
 SERVER_STAGES = ("queue", "decode", "tail", "encode")
 COLUMNS = ("pipeline", "mode", "batches", "split_sps", "local_sps", "ratio_vs_local", "split_ms", "local_ms",
            "call_p50_ms",           *(f"{stage}_ms" for stage in EDGE_STAGES), *(f"srv_{stage}_ms" for stage in SERVER_STAGES), "net_ms")
-SERVER_TIMEOUT = 120.0  # seconds for the server process to start, or to stop and print its summary
 REQUEST_TIMEOUT = 120.0  # seconds per reply; no resends, so a dead server fails the run instead of hanging it
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -78,7 +75,7 @@ def local_runs(pipeline: Pipeline, batches: Batches, seed: int, lr: float) -> di
 
 def split_runs(client: EdgeClient, loop: asyncio.AbstractEventLoop, batches: Batches, inflight: int,
                calls: list[float]) -> dict[str, Callable[[], None]]:
-    """What an app using EdgeClient gets: train_step / infer one at a time, or evaluate with requests in flight.
+    """What an app using EdgeClient gets: train_step / infer one at a time, or infer_many with requests in flight.
 
     The wall seconds of each train_step / infer call go to ``calls``: their median next to the mean
     per batch shows how much of a slow run is a few slow requests (a busy machine's scheduler).
@@ -95,39 +92,12 @@ def split_runs(client: EdgeClient, loop: asyncio.AbstractEventLoop, batches: Bat
             await client.infer(x)
             calls.append(time.perf_counter() - started)
 
+    async def infer_pipelined() -> None:
+        async for _ in client.infer_many((x for x, _ in batches), inflight):
+            pass
+
     return {"train": lambda: loop.run_until_complete(train()), "infer": lambda: loop.run_until_complete(infer()),
-            "infer_pipelined": lambda: loop.run_until_complete(client.evaluate(batches, inflight))}
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """This process and the processes started inside use ``threads`` torch threads (0: torch's default).
-
-    Children learn it from OMP_NUM_THREADS, which torch reads at start. On a
-    shared 2-core machine, 2-thread OpenMP pools in two busy processes spin
-    against each other and make step times swing several-fold.
-    """
-    saved_env, saved_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved_threads)
-        if saved_env is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved_env
-
-
-def start_server(options: dict[str, Any]) -> tuple[NodeProcess, str]:
-    """A `sparse-rt node --role server` process on a free loopback port, and its address; a failed start is one error."""
-    server = NodeProcess("server", {"bind": "tcp://127.0.0.1:*", "json": True, **options})
-    try:
-        return server, server.wait_ready(SERVER_TIMEOUT)
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from None
+            "infer_pipelined": lambda: loop.run_until_complete(infer_pipelined())}
 
 
 def _records(path: Path, skip: int) -> list[dict[str, Any]]:
@@ -218,7 +188,7 @@ def run_e2e(pipelines: list[str], batch_size: int, batches: int, repeats: int, w
         "split = a `sparse-rt node --role server` process + EdgeClient in the bench process over tcp loopback; "
         "local = the same model, optimizer, lr and batches in plain torch in the bench process",
         "mode train: EdgeClient.train_step, one step at a time; infer: EdgeClient.infer, one request at a time; "
-        f"infer_pipelined: EdgeClient.evaluate with {inflight} requests in flight; both compare with local infer",
+        f"infer_pipelined: EdgeClient.infer_many with {inflight} requests in flight; both compare with local infer",
         "stage columns: median ms per request from the runtime's metrics records (edge and server); net_ms = edge "
         "wait - server (queue+decode+tail+encode) per request: sockets, loops and thread hand-offs",
         f"torch threads per process: {used_threads} (bench process with the edge and the local baseline; server "
@@ -246,30 +216,18 @@ def plot(report: BenchReport, path: Path) -> None:
     axes.set_ylabel("samples / s")
     axes.set_title(f"split vs local, batch {report.settings['batch_size']} (labels: split / local samples/s)")
     axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def _pipelines(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    known = available_pipelines()
-    unknown = [name for name in names if name not in known]
-    if not names or unknown:
-        raise click.BadParameter(f"unknown pipeline '{','.join(unknown)}'; available: {', '.join(sorted(known))}"
-                                 if unknown else "give at least one pipeline")
-    return names
+    save_figure(figure, path, dpi=120)
 
 
 @click.command("e2e")
 @bench_options
-@click.option("--pipelines", default=",".join(PIPELINES), show_default=True, callback=_pipelines,
+@click.option("--pipelines", type=PipelineList(several=True), default=",".join(PIPELINES), show_default=True,
               help="Comma-separated pipelines to measure.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Samples per step.")
 @click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True,
               help="Batches per timed run (vgg11_cifar10: at most 4, it is slow on a CPU).")
 @click.option("--inflight", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Inference requests in flight for the infer_pipelined mode (EdgeClient.evaluate).")
+              help="Inference requests in flight for the infer_pipelined mode (EdgeClient.infer_many).")
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="Torch threads in this process (edge and local baseline) and in the server (0: torch's default).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the model and the synthetic data.")

@@ -23,14 +23,12 @@ from typing import Any
 
 import click
 
-from sparse_rt.bench.common import BenchReport, bench_options, emit, percentile, pyplot
-from sparse_rt.bench.e2e import start_server
-from sparse_rt.pipeline import available_pipelines
+from sparse_rt.bench.common import (SERVER_TIMEOUT, BenchReport, PipelineList, bench_options, emit, percentile, pyplot,
+                                    save_figure, start_server)
 
 EDGE_COUNTS = (1, 2, 4, 8, 16, 32)
 COLUMNS = ("edges", "agg_sps", "edge_sps_min", "edge_sps_max", "fairness", "p50_ms", "p95_ms", "p99_ms", "steps",
            "lost", "duplicated", "errors")
-SERVER_TIMEOUT = 120.0  # seconds for the server to start, or to stop and print its summary
 READY_TIMEOUT = 300.0  # seconds for every edge process to start, connect and warm up (32 on 2 cores is slow)
 REQUEST_TIMEOUT = 30.0  # seconds an edge waits for one reply before resending (the runtime's default)
 SYNTHETIC_BATCHES = 4  # distinct random batches each edge cycles through
@@ -225,9 +223,7 @@ def plot(report: BenchReport, path: Path) -> None:
     latency.set_xlabel("edge processes")
     latency.set_ylabel("training step latency (ms)")
     latency.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, dpi=120)
 
 
 def _edge_counts(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
@@ -240,18 +236,11 @@ def _edge_counts(ctx: click.Context, param: click.Parameter, value: str) -> list
     return counts
 
 
-def _pipeline(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    known = available_pipelines()
-    if value not in known:
-        raise click.BadParameter(f"unknown pipeline '{value}'; available: {', '.join(sorted(known))}")
-    return value
-
-
 @click.command("edges")
 @bench_options
 @click.option("--edges", "counts", default=",".join(map(str, EDGE_COUNTS)), show_default=True,
               callback=_edge_counts, help="Comma-separated numbers of edge processes to run, one row each.")
-@click.option("--pipeline", default="digits_cnn", show_default=True, callback=_pipeline,
+@click.option("--pipeline", type=PipelineList(), default="digits_cnn", show_default=True,
               help="Pipeline the server and the edges run.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Samples per step.")
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -43,7 +42,8 @@ from typing import Any, Callable, Sequence
 import click
 import torch
 
-from sparse_rt.bench.common import BenchReport, bench_options, emit, median_time, percentile, pyplot
+from sparse_rt.bench.common import (DEFAULT_BUDGETS, BenchReport, BudgetList, PipelineList, bench_options, emit,
+                                    median_time, percentile, pyplot, resolve_budgets, save_figure)
 from sparse_rt.bench.netns import namespace, netem_problem, run_inside, shape_loopback
 from sparse_rt.errors import DataError
 from sparse_rt.pipeline import Pipeline, get_pipeline
@@ -53,7 +53,6 @@ from sparse_rt.transport.shaper import Shaper
 from sparse_rt.wire.codecs import CODEC_NAMES
 
 DEFAULT_MBPS = "10,100,1000"
-DEFAULT_BUDGETS = "C,C/4,C/32"
 TARGET_RATIO = 0.8  # wanted at the TARGET_MBPS rates
 TARGET_MBPS = (10.0, 100.0)
 SHAPERS = ("auto", "netem", "token-bucket")
@@ -81,23 +80,6 @@ class NumberList(click.ParamType):
         return numbers
 
 
-class BudgetList(click.ParamType):
-    """Comma-separated budgets: C (every channel), C/k (a k-th of them), or a number of channels."""
-
-    name = "BUDGETS"
-    _ITEM = re.compile(r"^(C|C/([1-9][0-9]*)|([1-9][0-9]*))$")
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[str]:
-        if isinstance(value, list):
-            return value
-        items = [item.strip() for item in str(value).split(",")]
-        for item in items:
-            if not self._ITEM.match(item):
-                self.fail(f"'{item}' is not a budget; use C, C/k or a channel count, e.g. {DEFAULT_BUDGETS}",
-                          param, ctx)
-        return items
-
-
 class CodecList(click.ParamType):
     name = "CODECS"
 
@@ -109,17 +91,6 @@ class CodecList(click.ParamType):
         if unknown:
             self.fail(f"unknown codec '{unknown[0]}'; expected some of {', '.join(CODEC_NAMES)}", param, ctx)
         return items
-
-
-def resolve_budget(item: str, channels: int) -> int:
-    """'C' -> C, 'C/4' -> C // 4 (at least 1), '8' -> 8; a count above C is refused."""
-    if item == "C":
-        return channels
-    if item.startswith("C/"):
-        return max(1, channels // int(item[2:]))
-    if int(item) > channels:
-        raise click.BadParameter(f"budget {item} is more than the cut's {channels} channels", param_hint="--budgets")
-    return int(item)
 
 
 @dataclass(frozen=True)
@@ -297,7 +268,7 @@ def run_link(pipeline_name: str, mbps: list[float], rtt_ms: float, budgets: list
     used, why = choose_shaper(shaper)
     plan = Plan(pipeline.name, batch_size or pipeline.batch_size, steps, repeats, warmup, seed, synthetic)
     channels = build_halves(pipeline, seed, None, pipeline.resolution)[2].channels
-    resolved = list(dict.fromkeys(resolve_budget(item, channels) for item in budgets))
+    resolved = resolve_budgets(budgets, channels)
     variants = [Variant(budget, codec, with_lz4) for budget in resolved for codec in codecs
                 for with_lz4 in ((False, True) if lz4 else (False,))]
     batches, data = training_batches(pipeline, plan)
@@ -355,14 +326,12 @@ def plot(report: BenchReport, path: Path) -> None:
     axes[0][0].set_ylabel("training samples/s (red: link-limited)")
     axes[0][0].legend(loc="upper left")
     figure.suptitle(f"{report.settings['pipeline']} over a shaped link ({report.settings['shaper']})")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, dpi=120)
 
 
 @click.command("link")
 @bench_options
-@click.option("--pipeline", "pipeline_name", default="cifar_cnn", show_default=True,
+@click.option("--pipeline", "pipeline_name", type=PipelineList(), default="cifar_cnn", show_default=True,
               help="Registered pipeline (or module:attribute) to train split.")
 @click.option("--mbps", type=NumberList(), default=DEFAULT_MBPS, show_default=True,
               help="Comma-separated link rates in Mbit/s (1e6 bit/s).")

@@ -35,7 +35,7 @@ import torch
 import zmq
 import zmq.asyncio
 
-from sparse_rt.bench.common import BenchReport, bench_options, emit, pyplot
+from sparse_rt.bench.common import BenchReport, bench_options, emit, pyplot, save_figure
 from sparse_rt.transport.connection import Connection, bind_router, connect_dealer, frame_bytes
 from sparse_rt.wire.header import decode_header
 from sparse_rt.wire.messages import Activations, decode_message, encode_message
@@ -318,9 +318,7 @@ def plot(report: BenchReport, path: Path) -> None:
     ratio.set_ylabel("sparse-rt / raw")
     ratio.legend()
     ratio.grid(True, which="both", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path, dpi=100)
 
 
 @click.command("transport")
