@@ -58,12 +58,14 @@ class RequestLink:
         try:
             for attempt in range(self.retries + 1):
                 await self.connection.send(frames)
-                try:
-                    return await asyncio.wait_for(asyncio.shield(reply), self.timeout)
-                except asyncio.TimeoutError:
-                    if attempt < self.retries:
-                        log.warning("no reply to request %d from %s within %g s; resending (%d of %d)",
-                                    request_id, self.address, self.timeout, attempt + 1, self.retries)
+                # wait() leaves the future alone on a timeout (no shield, no extra task per request),
+                # so a reply to an earlier try still counts after a resend.
+                done, _ = await asyncio.wait((reply,), timeout=self.timeout)
+                if done:
+                    return reply.result()
+                if attempt < self.retries:
+                    log.warning("no reply to request %d from %s within %g s; resending (%d of %d)",
+                                request_id, self.address, self.timeout, attempt + 1, self.retries)
             raise ServerUnreachable(
                 f"no reply from the server at {self.address} after {self.retries + 1} tries of "
                 f"{self.timeout:g} s; is it running and reachable?"
