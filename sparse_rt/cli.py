@@ -183,7 +183,7 @@ def experiment_group() -> None:
 
 @experiment_group.command("deprune")
 @_shared_training_options
-@click.option("--phases", default="2:15,C:5", show_default=True, help="deprune's ascending BUDGET:EPOCHS phases.")
+@click.option("--phases", default="2:8,16:6,C:6", show_default=True, help="deprune's ascending BUDGET:EPOCHS phases.")
 @click.option("--boost", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
               help="Learning-rate factor after each raise.")
 @click.option("--boost-epochs", type=click.IntRange(min=0), default=2, show_default=True,
@@ -267,7 +267,7 @@ def _edges_table(combined: dict) -> str:
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Edge: your own .npz data instead of the pipeline's.")
 @click.option("--shard", help="Edge: train on the K-th of N parts of the training data, as K/N.")
-@click.option("--phases", help="Edge: train by deprune's ascending BUDGET:EPOCHS phases (e.g. 2:15,C:5) instead of "
+@click.option("--phases", help="Edge: train by deprune's ascending BUDGET:EPOCHS phases (e.g. 2:8,16:6,C:6) instead of "
                                "--budget and --epochs.")
 @click.option("--boost", type=click.FloatRange(min=0, min_open=True),
               help="Edge, with --phases: learning-rate factor after each raise, for head and tail.  [default: 1]")
