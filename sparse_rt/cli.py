@@ -114,17 +114,24 @@ _shared_training_options = options(
 
 
 # Train against a running server instead of one in this process (the edge node's code path).
-_connect_option = click.option(
-    "--connect", help="A running server's address (sparse-rt node --role server), e.g. tcp://127.0.0.1:5555. "
-                      "Default: a server in this process.")
+_connect_option = options(
+    click.option("--connect", help="A running server's address (sparse-rt node --role server), e.g. "
+                                   "tcp://127.0.0.1:5555. Default: a server in this process."),
+    click.option("--timeout", "request_timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+                 show_default=True, help="With --connect: seconds to wait for a reply before resending."),
+    click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+                 help="With --connect: resends before giving up."),
+)
 
 
-def _run_schedule(method: str, plan_for, pipeline: str, out: Path, connect: str | None = None, **options) -> None:
+def _run_schedule(method: str, plan_for, pipeline: str, out: Path, connect: str | None = None, retries: int = 2,
+                  **options) -> None:
     import asyncio
 
     from sparse_rt.runtime.scheduled import run_schedule
 
-    summary = asyncio.run(run_schedule(method, RunConfig(pipeline=pipeline, **options), plan_for, out, connect))
+    summary = asyncio.run(run_schedule(method, RunConfig(pipeline=pipeline, **options), plan_for, out, connect,
+                                       retries))
     click.echo(json.dumps(summary))
 
 

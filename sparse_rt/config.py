@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from sparse_rt.errors import ConfigError
+from sparse_rt.schedules import deprune, parse_phases
 from sparse_rt.wire.codecs import CODEC_NAMES
 
 TRANSPORTS = ("inproc", "ipc")
+MAX_CHANNELS = 65535  # the protocol's limit on C (channel indices are uint16)
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,8 @@ class NodeConfig:
         if self.phases is not None and (self.budget is not None or self.epochs is not None or self.mode != "train"):
             raise ConfigError("--phases is a training schedule that sets budgets and epochs itself: "
                               "leave out --budget and --epochs, and use --mode train")
-        if not self.boost > 0 or self.boost_epochs < 0:
-            raise ConfigError(f"boost must be positive and boost epochs 0 or more, got {self.boost} and "
-                              f"{self.boost_epochs}")
+        if self.phases is not None:  # the form now, before connecting; the budgets against C once it is known
+            deprune(parse_phases(self.phases, MAX_CHANNELS), self.boost, self.boost_epochs)
         for name in ("checkpoint_every", "retries"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")

@@ -98,3 +98,15 @@ def test_train_prune_refuses_a_running_server_and_phases_refuse_a_budget(tmp_pat
     done = subprocess.run([sys.executable, "-m", "sparse_rt", "train", "prune", "digits_cnn", "--phases", "C:1,4:1",
                            "--connect", "tcp://127.0.0.1:1", "--out", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and "no such option" in done.stderr.lower()
+
+
+def test_bad_phases_and_a_missing_server_are_clear_errors_without_a_long_wait(tmp_path):
+    node = [sys.executable, "-m", "sparse_rt", "node", "--role", "edge", "--pipeline", "digits_cnn",
+            "--connect", "tcp://127.0.0.1:9"]
+    for phases, message in (("4:x", "BUDGET:EPOCHS"), ("8:1,4:1", "ascending")):
+        done = subprocess.run([*node, "--phases", phases], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and message in done.stderr, done.stderr  # refused before connecting
+    train = [sys.executable, "-m", "sparse_rt", "train", "deprune", "digits_cnn", "--phases", "4:1,C:1",
+             "--connect", "tcp://127.0.0.1:9", "--timeout", "0.3", "--retries", "1", "--out", str(tmp_path)]
+    done = subprocess.run(train, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "after 2 tries of 0.3 s" in done.stderr, done.stderr

@@ -59,21 +59,21 @@ def payload_bytes_per_sample(budget: int, height: int, width: int) -> dict[str, 
 
 
 def _split(config: RunConfig, pipeline: Pipeline, resolution: int, lr: float,
-           connect: str | None) -> SplitPair | EdgeClient:
+           connect: str | None, retries: int) -> SplitPair | EdgeClient:
     """This run's edge: with a server in this process, or connected to a running one (the edge node's code path).
 
     The session is opened at budget C, the most any message may send; the plan sends fewer.
     """
     if connect is not None:
         return EdgeClient(pipeline, connect, mode="train", codec=config.codec, lz4=config.lz4, resolution=resolution,
-                          seed=config.seed, lr=lr, timeout=config.request_timeout)
+                          seed=config.seed, lr=lr, timeout=config.request_timeout, retries=retries)
     return SplitPair(pipeline.build_model(), pipeline.cut, pipeline.input_shape, budget=None,
                      codec=config.codec, lz4=config.lz4, resolution=resolution, optimizer=pipeline.optimizer, lr=lr,
                      weight_decay=pipeline.weight_decay, name=pipeline.name, transport=config.transport)
 
 
 async def run_schedule(method: str, config: RunConfig, plan_for: Callable[[int], list[EpochPlan]],
-                       out: Path, connect: str | None = None) -> dict[str, Any]:
+                       out: Path, connect: str | None = None, retries: int = 2) -> dict[str, Any]:
     """Train by ``plan_for(channels at the cut)``; write out/metrics.csv, out/summary.json and, for prune, the model set.
 
     With ``connect``, the edge trains against the server running there (which
@@ -89,7 +89,7 @@ async def run_schedule(method: str, config: RunConfig, plan_for: Callable[[int],
     torch.manual_seed(config.seed)
     train_loader, test_loader = data.loaders(config.batch_size or pipeline.batch_size, config.seed)
     lr = config.lr or pipeline.lr
-    pair = _split(config, pipeline, resolution, lr, connect)
+    pair = _split(config, pipeline, resolution, lr, connect, retries)
     plan = plan_for(pair.cut.channels)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[EpochRow] = []
