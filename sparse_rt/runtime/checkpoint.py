@@ -52,11 +52,20 @@ class Checkpoint:
     meta: dict[str, Any]
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-        """Load the state into ``model`` (and ``optimizer``); returns the metadata."""
+        """Load the state into ``model`` (and ``optimizer``); returns the metadata.
+
+        The optimizer keeps the learning rates it was built with: the
+        checkpoint brings back its moments and step counts, but the rate is this
+        run's configuration (and one a schedule had boosted at save time must
+        not become the new base).
+        """
         try:
             model.load_state_dict(self.model_state)
             if optimizer is not None and self.optimizer_state is not None:
+                rates = [group["lr"] for group in optimizer.param_groups]
                 optimizer.load_state_dict(self.optimizer_state)
+                for group, rate in zip(optimizer.param_groups, rates):
+                    group["lr"] = rate
         except (RuntimeError, ValueError, KeyError) as exc:
             raise DataError(f"{self.path}: does not fit this model: {str(exc).splitlines()[0]}") from None
         return self.meta

@@ -71,8 +71,6 @@ class EdgeClient:
         self.optimizer = build_optimizer(self.edge_model.parameters(), self.pipeline.optimizer,
                                          lr or self.pipeline.lr, self.pipeline.weight_decay)
         self.resumed = checkpoint.restore(self.edge_model, self.optimizer) if checkpoint is not None else {}
-        for group in self.optimizer.param_groups:  # the configured rate, not one a schedule had boosted
-            group["lr"] = lr or self.pipeline.lr
         self.settings = SessionSettings(self.pipeline.name, self.cut.channels, self.edge_model.compressor.budget,
                                         codec, lz4, mode, resolution)
         self._timeout, self._retries, self._metrics_path = timeout, retries, metrics

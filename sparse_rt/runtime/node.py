@@ -70,7 +70,6 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
         model, cut = server_side(pipeline, config.seed, resolution)
     optimizer = build_optimizer(model.parameters(), pipeline.optimizer, config.lr or pipeline.lr,
                                 pipeline.weight_decay)
-    tail_stage = TailStage(model, optimizer)  # before a resume: the base learning rate is the configured one
     steps_before = 0
     if config.resume:
         steps_before = int(read_checkpoint(config.checkpoint).restore(model, optimizer).get("steps", 0))
@@ -88,7 +87,7 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     connection = bind_router(context, config.bind, max(largest_frame(cut, config.max_batch), MAX_HEADER_BYTES))
     endpoint = connection.socket.getsockopt_string(zmq.LAST_ENDPOINT)
     metrics = MetricsLog(config.metrics)
-    server = SplitServer(pipeline.name, tail_stage, cut, pipeline.num_classes, connection,
+    server = SplitServer(pipeline.name, TailStage(model, optimizer), cut, pipeline.num_classes, connection,
                          metrics=metrics, after_step=after_step, model_set=model_set)
     stop = stop_on_signals()
     log.info("serving %s on %s: cut after '%s', %d channels of %dx%d (sent at %dx%d)", pipeline.name, endpoint,

@@ -34,7 +34,6 @@ class LearningRateScale:
         self.scale = 1.0
 
     def set(self, scale: float) -> None:
-        """Also undoes a learning rate that a resumed optimizer state brought back."""
         for group, base_lr in zip(self.optimizer.param_groups, self.base):
             group["lr"] = base_lr * scale
         self.scale = scale
