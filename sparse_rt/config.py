@@ -9,9 +9,9 @@ from typing import Any
 from sparse_rt.errors import ConfigError
 from sparse_rt.schedules import deprune, parse_phases
 from sparse_rt.wire.codecs import CODEC_NAMES
+from sparse_rt.wire.header import MAX_CHANNELS
 
 TRANSPORTS = ("inproc", "ipc")
-MAX_CHANNELS = 65535  # the protocol's limit on C (channel indices are uint16)
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,15 @@ after a warm-up keep one slow run (a page fault, a scheduler hiccup on a
 2-core machine) from deciding a figure.
 
 Also here, as more than one suite uses them: the option types for
-pipelines (:class:`PipelineList`) and budgets (:class:`BudgetList`,
-:func:`resolve_budgets`), :func:`torch_threads`, and :func:`start_server`
-for the suites that run a `sparse-rt node --role server` process.
+pipelines (:class:`PipelineList`), budgets (:class:`BudgetList`,
+:func:`resolve_budgets`) and number lists (:class:`NumberList`),
+:func:`torch_threads`, :func:`synthetic_batches`, and :func:`start_server` /
+:func:`stop_server` for the suites that run a `sparse-rt node --role server` process.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -29,9 +31,15 @@ import click
 from sparse_rt.cli_options import options
 from sparse_rt.errors import ConfigError
 from sparse_rt.pipeline import available_pipelines, get_pipeline
+from sparse_rt.plotting import pyplot  # the suites draw with it
 
 if TYPE_CHECKING:
+    import torch
+
+    from sparse_rt.pipeline import Pipeline
     from sparse_rt.runtime.launch import NodeProcess
+
+Batches = list[tuple["torch.Tensor", "torch.Tensor"]]
 
 DEFAULT_BUDGETS = "C,C/4,C/32"
 SERVER_TIMEOUT = 120.0  # seconds for a server process to start, or to stop and print its summary
@@ -108,16 +116,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def pyplot():
-    """matplotlib's pyplot drawing to files only (no display on servers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_figure(figure: Any, path: Path, dpi: int) -> None:
     """Lay out ``figure``, write it to ``path`` and free it."""
     figure.tight_layout()
@@ -128,17 +126,19 @@ def save_figure(figure: Any, path: Path, dpi: int) -> None:
 def emit(report: BenchReport, as_json: bool, out: Path | None,
          plot: Callable[[BenchReport, Path], None] | None = None) -> None:
     """Print the table (or one JSON object); with ``out``, also write SUITE.json and SUITE.png there."""
+    results = report.to_dict()
     if out is not None:
+        path = out / f"{report.suite}.json"
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{report.suite}.json").write_text(json.dumps(report.to_dict(), indent=2))
+        path.write_text(json.dumps(results, indent=2))
         if plot is not None:
             plot(report, out / f"{report.suite}.png")
     if as_json:
-        click.echo(json.dumps(report.to_dict()))
+        click.echo(json.dumps(results))
     else:
         click.echo(report.table())
         if out is not None:
-            click.echo(f"wrote {out / (report.suite + '.json')}" + (f" and {report.suite}.png" if plot else ""))
+            click.echo(f"wrote {path}" + (f" and {report.suite}.png" if plot else ""))
 
 
 # Every suite takes these; suite-specific options come after them.
@@ -179,6 +179,34 @@ class PipelineList(click.ParamType):
                 except ConfigError as exc:
                     self.fail(str(exc), param, ctx)
         return names if self.several else names[0]
+
+
+class NumberList(click.ParamType):
+    """Comma-separated numbers of one type: ``int`` (each at least 1) or ``float`` (each positive and finite).
+
+    ``example`` shows the expected form; ``invalid`` says what is wrong with a number out of range
+    ("edge counts must be at least 1").
+    """
+
+    name = "LIST"
+
+    def __init__(self, kind: type[int] | type[float], example: str, invalid: str) -> None:
+        self.kind, self.example, self.invalid = kind, example, invalid
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[Any]:
+        if isinstance(value, list):
+            return value
+        try:
+            numbers = [self.kind(item) for item in str(value).split(",") if item.strip()]
+        except ValueError:
+            noun = "integers" if self.kind is int else "numbers"
+            self.fail(f"expected comma-separated {noun} such as {self.example}, got '{value}'", param, ctx)
+        if not numbers:
+            self.fail(f"{self.invalid}, got '{value}'", param, ctx)
+        bad = [n for n in numbers if not (n >= 1 if self.kind is int else n > 0 and math.isfinite(n))]
+        if bad:
+            self.fail(f"{self.invalid}, got {bad[0]:g}", param, ctx)
+        return numbers
 
 
 class BudgetList(click.ParamType):
@@ -255,4 +283,26 @@ def start_server(options: dict[str, Any]) -> tuple[NodeProcess, str]:
         return server, server.wait_ready(SERVER_TIMEOUT)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def stop_server(server: NodeProcess, failed: bool = False) -> dict[str, Any]:
+    """Stop a server from :func:`start_server`, killed if it does not stop within SERVER_TIMEOUT.
+
+    Returns the JSON summary it printed; with ``failed`` (the run it served went wrong, call this from a
+    ``finally``), returns {} instead of reading one, so the run's own error is the one raised.
+    """
+    server.stop()
+    if failed:
+        server.finish(SERVER_TIMEOUT)
+        return {}
+    return server.result(SERVER_TIMEOUT)
+
+
+def synthetic_batches(pipeline: Pipeline, batch_size: int, count: int, seed: int) -> Batches:
+    """Random inputs of the pipeline's shape and random labels: throughput does not depend on the pixels."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch_size, *pipeline.input_shape, generator=generator),
+             torch.randint(0, pipeline.num_classes, (batch_size,), generator=generator)) for _ in range(count)]
 

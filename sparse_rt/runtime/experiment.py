@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from sparse_rt import schedules
 from sparse_rt.config import RunConfig
+from sparse_rt.plotting import pyplot
 from sparse_rt.runtime.scheduled import run_schedule
 from sparse_rt.schedules import EpochPlan
 
@@ -133,17 +134,8 @@ def _mean_curve(per_seed: list[dict[str, Rows]], name: str, key: str) -> list[fl
     return [statistics.mean(values) for values in zip(*[[row[key] for row in runs[name]] for runs in per_seed])]
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_deprune(per_seed: list[dict[str, Rows]], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     figure, (by_epoch, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, label in (("deprune", "deprune"), ("no_compression", "no compression (B = C)"),
                         ("high_compression", "high compression (smallest B)")):
@@ -163,7 +155,7 @@ def _plot_deprune(per_seed: list[dict[str, Rows]], path: Path) -> None:
 
 
 def _plot_prune(per_seed: list[dict[str, Rows]], budgets: list[int], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.2), squeeze=False)
     prune_rows = per_seed[0]["prune"]
     accuracy = _mean_curve(per_seed, "prune", "test_accuracy")

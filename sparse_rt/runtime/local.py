@@ -34,10 +34,9 @@ async def run_split(config: RunConfig) -> RunSummary:
     resolution = pipeline.resolution if config.resolution is None else config.resolution
     epochs = config.epochs or pipeline.epochs
     train_loader, test_loader = data.loaders(config.batch_size or pipeline.batch_size, config.seed)
-    pair = SplitPair(pipeline.build_model(), pipeline.cut, pipeline.input_shape, budget=config.budget,
-                     codec=config.codec, lz4=config.lz4, resolution=resolution, optimizer=pipeline.optimizer,
-                     lr=config.lr or pipeline.lr, weight_decay=pipeline.weight_decay, transport=config.transport,
-                     name=pipeline.name, request_timeout=config.request_timeout)
+    pair = SplitPair.for_pipeline(pipeline, budget=config.budget, codec=config.codec, lz4=config.lz4,
+                                  resolution=resolution, lr=config.lr, transport=config.transport,
+                                  request_timeout=config.request_timeout)
     async with pair:
         result = await train(pair.edge, train_loader, fixed(pair.budget, epochs), samples_per_epoch=len(data.y_train),
                              progress=config.progress, desc=f"{pipeline.name} B={pair.budget}/{pair.cut.channels}")

@@ -10,7 +10,7 @@ import asyncio
 import os
 import tempfile
 import uuid
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import zmq
@@ -19,6 +19,7 @@ from torch import nn
 
 from sparse_rt.model.compression import PruneLossWeights
 from sparse_rt.model.sides import build_sides
+from sparse_rt.pipeline import Pipeline
 from sparse_rt.runtime.edge import EdgeSession, SessionSettings
 from sparse_rt.runtime.server import SplitServer
 from sparse_rt.stages.head import HeadStage
@@ -83,6 +84,17 @@ class SplitPair:
                                 SessionSettings(name, self.cut.channels, self.budget, codec, lz4,
                                                 resolution=resolution))
         self._serving: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_pipeline(cls, pipeline: Pipeline, *, lr: float | None = None, resolution: int | None = None,
+                     **options: Any) -> "SplitPair":
+        """A pair for a registered pipeline: its model (built now, from torch's current seed), cut and defaults.
+
+        ``options`` are the other keyword arguments of the constructor (budget, codec, transport, ...).
+        """
+        return cls(pipeline.build_model(), pipeline.cut, pipeline.input_shape, optimizer=pipeline.optimizer,
+                   lr=lr or pipeline.lr, weight_decay=pipeline.weight_decay, name=pipeline.name,
+                   resolution=pipeline.resolution if resolution is None else resolution, **options)
 
     @property
     def session(self) -> EdgeSession:

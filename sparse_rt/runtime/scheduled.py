@@ -5,8 +5,8 @@ one process, every byte through a ZeroMQ socket) or, given a server's
 address, an :class:`~sparse_rt.runtime.client.EdgeClient` connected to a
 running `sparse-rt node --role server`, as an edge node is; either way it
 is driven by the one training loop, which also sends the schedule's
-learning-rate boost to the server with every step. After every epoch it evaluates split inference and appends a CSV row:
-epoch, phase, budget, lr, train loss, test accuracy and the cumulative bytes
+learning-rate boost to the server with every step. After every epoch it
+evaluates split inference and appends a CSV row: epoch, phase, budget, lr, train loss, test accuracy and the cumulative bytes
 of training traffic up and down, counted at the socket (evaluation traffic
 is not counted: it is measurement, not training). A prune run also saves
 each phase's model into a model set: one head + tail checkpoint per budget
@@ -67,9 +67,8 @@ def _split(config: RunConfig, pipeline: Pipeline, resolution: int, lr: float,
     if connect is not None:
         return EdgeClient(pipeline, connect, mode="train", codec=config.codec, lz4=config.lz4, resolution=resolution,
                           seed=config.seed, lr=lr, timeout=config.request_timeout, retries=retries)
-    return SplitPair(pipeline.build_model(), pipeline.cut, pipeline.input_shape, budget=None,
-                     codec=config.codec, lz4=config.lz4, resolution=resolution, optimizer=pipeline.optimizer, lr=lr,
-                     weight_decay=pipeline.weight_decay, name=pipeline.name, transport=config.transport)
+    return SplitPair.for_pipeline(pipeline, budget=None, codec=config.codec, lz4=config.lz4, resolution=resolution,
+                                  lr=lr, transport=config.transport)
 
 
 async def run_schedule(method: str, config: RunConfig, plan_for: Callable[[int], list[EpochPlan]],

@@ -45,19 +45,19 @@ class Connection:
         self.socket = socket
         self.routed = socket.type == zmq.ROUTER
         self.traffic = Traffic()
-        self.shaper = shaper
         self._shaped = None if shaper is None else ShapedSender(shaper, self._send_now)
 
     async def _send_now(self, message: list[Any]) -> None:
         await self.socket.send_multipart(message, copy=False)
 
     async def send(self, frames: Sequence[Any], route: bytes | None = None) -> None:
-        envelope = [route] if self.routed else []
+        message = [route, *frames] if self.routed else list(frames)
+        nbytes = frame_bytes(frames)
         if self._shaped is None:
-            await self.socket.send_multipart([*envelope, *frames], copy=False)
+            await self.socket.send_multipart(message, copy=False)
         else:
-            await self._shaped.send([*envelope, *frames], frame_bytes(frames))
-        self.traffic.bytes_sent += frame_bytes(frames)
+            await self._shaped.send(message, nbytes)
+        self.traffic.bytes_sent += nbytes
         self.traffic.messages_sent += 1
 
     async def recv(self) -> tuple[bytes | None, list[zmq.Frame]]:

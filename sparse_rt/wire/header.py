@@ -17,6 +17,7 @@ from sparse_rt.errors import WireError
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 4096
 MAX_ID = 2**63 - 1
+MAX_CHANNELS = 65535  # channel indices travel as uint16
 
 Check = Callable[[Any], bool]
 
@@ -53,17 +54,17 @@ _TENSOR = {"session": _str(64), "codec": _str(16), "lz4": _is_bool}
 SCHEMAS: dict[str, dict[str, Check]] = {
     "hello": {
         "pipeline": _str(),
-        "channels": _int(1, 65535),
-        "budget": _int(1, 65535),
+        "channels": _int(1, MAX_CHANNELS),
+        "budget": _int(1, MAX_CHANNELS),
         "codec": _str(16),
         "lz4": _is_bool,
         "mode": _one_of("train", "infer"),
         "resolution": _int(0, 255),
     },
     "welcome": {"session": _str(64)},
-    "train": {**_TENSOR, "step": _int(), "channels": _int(1, 65535), "shape": _shape(4),
+    "train": {**_TENSOR, "step": _int(), "channels": _int(1, MAX_CHANNELS), "shape": _shape(4),
               "label_dtype": _one_of("uint8", "uint16", "int32", "int64")},
-    "infer": {**_TENSOR, "channels": _int(1, 65535), "shape": _shape(4)},
+    "infer": {**_TENSOR, "channels": _int(1, MAX_CHANNELS), "shape": _shape(4)},
     "grad": {**_TENSOR, "step": _int(), "shape": _shape(4), "loss": _is_number},
     "pred": {"session": _str(64), "shape": _shape(2)},
     "error": {"code": _str(64), "message": _str(2048)},
