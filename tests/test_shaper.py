@@ -19,9 +19,6 @@ def test_reserve_is_fifo_serialization_plus_delay():
     assert link.reserve(2000, now=10.0) == pytest.approx(10.0 + 0.003 + 0.005)
     # An idle link starts at once.
     assert link.reserve(1000, now=20.0) == pytest.approx(20.0 + 0.001 + 0.005)
-    assert link.stats.messages == 3 and link.stats.bytes == 4000
-    assert link.stats.busy_s == pytest.approx(0.004)
-    assert link.stats.queued_s == pytest.approx(0.001)
 
 
 @pytest.mark.parametrize("rate, delay", [(0, 0.0), (-1, 0.0), (float("inf"), 0.0), (1e6, -0.001)])
@@ -153,7 +150,7 @@ def test_an_unshaped_connection_is_untouched():
                 await server.recv()
                 await server.send([b"pong"], route)
                 await edge.recv()
-            return (time.monotonic() - started) / 20, edge._shaped is None and server.shaper is None
+            return (time.monotonic() - started) / 20, edge._shaped is None and server._shaped is None
         finally:
             _close(context, slow_edge, slow_server)
             _close(context2, edge, server)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 import torch
 from torch import nn
 
@@ -25,6 +24,8 @@ from sparse_rt.data.datasets import TensorSplit
 from sparse_rt.errors import DataError
 from sparse_rt.model.sides import build_sides
 from sparse_rt.pipeline import Pipeline, get_pipeline
+from sparse_rt.stages.optimizer import build_optimizer
+from sparse_rt.transport.connection import frame_bytes
 from sparse_rt.wire.codecs import CODEC_NAMES, get_codec
 from sparse_rt.wire.messages import Activations, encode_message
 
@@ -50,7 +51,7 @@ def train_briefly(model: nn.Module, pipeline: Pipeline, data: TensorSplit, steps
     loss = None
     if steps == 0:
         return loss
-    optimizer = torch.optim.Adam(model.parameters(), lr=pipeline.lr)
+    optimizer = build_optimizer(model.parameters(), pipeline.optimizer, pipeline.lr, pipeline.weight_decay)
     loader, _ = data.loaders(pipeline.batch_size, seed)
     model.train()
     done = 0
@@ -82,14 +83,15 @@ def measure_budget(batches: list[torch.Tensor], indices: torch.Tensor, labels: l
     for name in CODEC_NAMES:
         for lz4 in (False, True):
             codec = get_codec(name, lz4)
-            packed = [codec.encode(batch) for batch in batches]
+            messages = [encode_message(Activations(id=1, session="bench", codec=name, lz4=lz4, channels=channels,
+                                                   indices=indices, values=batch, labels=batch_labels))
+                        for batch, batch_labels in zip(batches, labels)]
+            packed = [frames[2] for frames in messages]  # header, indices, the codec's data, labels
             decoded = torch.cat([codec.decode(buf, batch.shape) for buf, batch in zip(packed, batches)])
             seconds, _ = median_time(lambda: [codec.decode(codec.encode(batch), batch.shape) for batch in batches],
                                      repeats, warmup)
-            message = sum(sum(memoryview(frame).nbytes for frame in encode_message(Activations(
-                id=1, session="bench", codec=name, lz4=lz4, channels=channels, indices=indices, values=batch,
-                labels=batch_labels))) for batch, batch_labels in zip(batches, labels))
-            data_bytes = sum(memoryview(buf).nbytes for buf in packed)
+            message = sum(frame_bytes(frames) for frames in messages)
+            data_bytes = frame_bytes(packed)
             max_error, relative = _errors(torch.cat(batches), decoded)
             rows.append({"budget": len(indices), "channels": channels, "codec": name, "lz4": lz4,
                          "bytes_per_sample": data_bytes / samples, "vs_fp32": fp32_bytes / data_bytes,

@@ -20,14 +20,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import click
 import torch
 from torch.nn import functional as F
 
-from sparse_rt.bench.common import (SERVER_TIMEOUT, BenchReport, PipelineList, bench_options, emit, median_time,
-                                    pyplot, save_figure, start_server, torch_threads)
+from sparse_rt.bench.common import (Batches, BenchReport, PipelineList, bench_options, emit, median_time, pyplot,
+                                    save_figure, start_server, stop_server, synthetic_batches, torch_threads)
 from sparse_rt.pipeline import Pipeline, get_pipeline
 from sparse_rt.runtime.client import EdgeClient
 from sparse_rt.stages.optimizer import build_optimizer
@@ -41,21 +41,11 @@ COLUMNS = ("pipeline", "mode", "batches", "split_sps", "local_sps", "ratio_vs_lo
            "call_p50_ms",           *(f"{stage}_ms" for stage in EDGE_STAGES), *(f"srv_{stage}_ms" for stage in SERVER_STAGES), "net_ms")
 REQUEST_TIMEOUT = 120.0  # seconds per reply; no resends, so a dead server fails the run instead of hanging it
 
-Batches = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def synthetic_batches(pipeline: Pipeline, batch_size: int, count: int, seed: int) -> Batches:
-    """Random inputs of the pipeline's shape and random labels: throughput does not depend on the pixels."""
-    generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch_size, *pipeline.input_shape, generator=generator),
-             torch.randint(0, pipeline.num_classes, (batch_size,), generator=generator)) for _ in range(count)]
-
-
-def local_runs(pipeline: Pipeline, batches: Batches, seed: int, lr: float) -> dict[str, Callable[[], None]]:
+def local_runs(pipeline: Pipeline, batches: Batches, seed: int) -> dict[str, Callable[[], None]]:
     """The unsplit baseline: one plain torch model, one optimizer, over the same batches."""
     torch.manual_seed(seed)
     model = pipeline.build_model()
-    optimizer = build_optimizer(model.parameters(), pipeline.optimizer, lr, pipeline.weight_decay)
+    optimizer = build_optimizer(model.parameters(), pipeline.optimizer, pipeline.lr, pipeline.weight_decay)
 
     def train() -> None:
         model.train()
@@ -80,23 +70,18 @@ def split_runs(client: EdgeClient, loop: asyncio.AbstractEventLoop, batches: Bat
     The wall seconds of each train_step / infer call go to ``calls``: their median next to the mean
     per batch shows how much of a slow run is a few slow requests (a busy machine's scheduler).
     """
-    async def train() -> None:
+    async def timed(call: Callable[[torch.Tensor, torch.Tensor], Awaitable[Any]]) -> None:
         for x, y in batches:
             started = time.perf_counter()
-            await client.train_step(x, y)
-            calls.append(time.perf_counter() - started)
-
-    async def infer() -> None:
-        for x, _ in batches:
-            started = time.perf_counter()
-            await client.infer(x)
+            await call(x, y)
             calls.append(time.perf_counter() - started)
 
     async def infer_pipelined() -> None:
         async for _ in client.infer_many((x for x, _ in batches), inflight):
             pass
 
-    return {"train": lambda: loop.run_until_complete(train()), "infer": lambda: loop.run_until_complete(infer()),
+    return {"train": lambda: loop.run_until_complete(timed(client.train_step)),
+            "infer": lambda: loop.run_until_complete(timed(lambda x, _: client.infer(x))),
             "infer_pipelined": lambda: loop.run_until_complete(infer_pipelined())}
 
 
@@ -128,43 +113,43 @@ def measure_pipeline(name: str, batch_size: int, batches: int, repeats: int, war
                      inflight: int, workdir: Path) -> list[dict[str, Any]]:
     """One row per mode for one pipeline: split (server process + EdgeClient here) and local, same batches."""
     pipeline = get_pipeline(name)
-    lr = pipeline.lr
     data = synthetic_batches(pipeline, batch_size, batches, seed)
-    local_run, local = local_runs(pipeline, data, seed, lr), {}
+    local_run = local_runs(pipeline, data, seed)
+    samples = batch_size * batches
     edge_log, server_log = workdir / f"{name}-edge.jsonl", workdir / f"{name}-server.jsonl"
     server, address = start_server({"pipeline": name, "seed": seed, "metrics": server_log,
                                     "max_batch": max(1024, batch_size)})
     loop = asyncio.new_event_loop()
     client: EdgeClient | None = None
     rows = []
+    failed = True
     try:
-        client = EdgeClient(pipeline, address, mode="train", seed=seed, lr=lr, timeout=REQUEST_TIMEOUT, retries=0,
+        client = EdgeClient(pipeline, address, mode="train", seed=seed, timeout=REQUEST_TIMEOUT, retries=0,
                             metrics=edge_log)
         loop.run_until_complete(client.connect())
         calls: list[float] = []
         for mode, run in split_runs(client, loop, data, inflight, calls).items():
             # local right before split, mode by mode: a busy machine's load drifts less between the two
-            local[mode] = median_time(local_run[mode], repeats, warmup)[0]
+            local_s = median_time(local_run[mode], repeats, warmup)[0]
             for _ in range(warmup):
                 run()
             edge_skip, server_skip = _count(edge_log), _count(server_log)
             calls.clear()
             seconds, _ = median_time(run, repeats, warmup=0)
             stages = stage_medians(_records(edge_log, edge_skip), _records(server_log, server_skip))
-            samples = batch_size * batches
             rows.append({"pipeline": name, "mode": mode, "batch_size": batch_size, "batches": batches,
-                         "split_sps": samples / seconds, "local_sps": samples / local[mode],
-                         "ratio_vs_local": local[mode] / seconds, "split_ms": seconds / batches * 1e3,
-                         "local_ms": local[mode] / batches * 1e3,
+                         "split_sps": samples / seconds, "local_sps": samples / local_s,
+                         "ratio_vs_local": local_s / seconds, "split_ms": seconds / batches * 1e3,
+                         "local_ms": local_s / batches * 1e3,
                          "call_p50_ms": statistics.median(calls) * 1e3 if calls else None, **stages})
-        steps_sent = client.session.steps if client.session is not None else 0
+        assert client.session is not None  # connect() made it
+        steps_sent = client.session.steps
+        failed = False
     finally:
         if client is not None:
             loop.run_until_complete(client.close())
         loop.close()
-        server.stop()
-        server.finish(SERVER_TIMEOUT)  # killed if it does not stop in time
-    summary = server.result(timeout=SERVER_TIMEOUT)
+        summary = stop_server(server, failed)
     if summary["steps_applied"] != steps_sent or summary["errors"]:
         raise click.ClickException(f"{name}: the server applied {summary['steps_applied']} steps with "
                                    f"{summary['errors']} errors; the edge had {steps_sent} acknowledged")

@@ -23,8 +23,8 @@ from typing import Any
 
 import click
 
-from sparse_rt.bench.common import (SERVER_TIMEOUT, BenchReport, PipelineList, bench_options, emit, percentile, pyplot,
-                                    save_figure, start_server)
+from sparse_rt.bench.common import (BenchReport, NumberList, PipelineList, bench_options, emit, percentile, pyplot,
+                                    save_figure, start_server, stop_server, synthetic_batches)
 
 EDGE_COUNTS = (1, 2, 4, 8, 16, 32)
 COLUMNS = ("edges", "agg_sps", "edge_sps_min", "edge_sps_max", "fairness", "p50_ms", "p95_ms", "p99_ms", "steps",
@@ -56,17 +56,12 @@ def edge_worker(index: int, pipeline: str, address: str, batch_size: int, warmup
 
 async def _train_in_window(index: int, pipeline: str, address: str, batch_size: int, warmup: int, seed: int,
                            ready: Any, go: Any, window: Any, report: dict[str, Any]) -> None:
-    import torch
-
     from sparse_rt.runtime.client import EdgeClient
 
-    generator = torch.Generator().manual_seed(seed + index)
     async with EdgeClient(pipeline, address, mode="train", seed=seed, timeout=REQUEST_TIMEOUT) as client:
         assert client.session is not None
         report["session"] = client.session.session_id
-        shape, classes = client.pipeline.input_shape, client.pipeline.num_classes
-        data = [(torch.randn(batch_size, *shape, generator=generator),
-                 torch.randint(0, classes, (batch_size,), generator=generator)) for _ in range(SYNTHETIC_BATCHES)]
+        data = synthetic_batches(client.pipeline, batch_size, SYNTHETIC_BATCHES, seed + index)
 
         async def step(k: int) -> None:
             report["sent"] += 1
@@ -162,13 +157,12 @@ def run_edges_bench(counts: list[int], pipeline: str, batch_size: int, seconds: 
                     warmup: int, seed: int) -> BenchReport:
     """One server process; each edge count in turn against it (fresh edge processes, fresh sessions)."""
     server, address = start_server({"pipeline": pipeline, "seed": seed, "max_batch": max(1024, batch_size)})
-    windows = []
+    failed = True
     try:
         windows = [run_window(n, address, pipeline, batch_size, seconds, warmup, seed) for n in counts]
+        failed = False
     finally:
-        server.stop()
-        server.finish(SERVER_TIMEOUT)  # killed if it does not stop in time
-    summary = server.result(timeout=SERVER_TIMEOUT)
+        summary = stop_server(server, failed)
     applied = summary["steps_per_session"]
     report = BenchReport("edges", COLUMNS)
     report.rows = [summarize(n, reports, applied, start, end, batch_size, repeats)
@@ -226,20 +220,11 @@ def plot(report: BenchReport, path: Path) -> None:
     save_figure(figure, path, dpi=120)
 
 
-def _edge_counts(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
-    try:
-        counts = [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 1,2,4, got '{value}'") from None
-    if not counts or min(counts) < 1:
-        raise click.BadParameter(f"edge counts must be at least 1, got '{value}'")
-    return counts
-
-
 @click.command("edges")
 @bench_options
-@click.option("--edges", "counts", default=",".join(map(str, EDGE_COUNTS)), show_default=True,
-              callback=_edge_counts, help="Comma-separated numbers of edge processes to run, one row each.")
+@click.option("--edges", "counts", type=NumberList(int, "1,2,4", "edge counts must be at least 1"),
+              default=",".join(map(str, EDGE_COUNTS)), show_default=True,
+              help="Comma-separated numbers of edge processes to run, one row each.")
 @click.option("--pipeline", type=PipelineList(), default="digits_cnn", show_default=True,
               help="Pipeline the server and the edges run.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Samples per step.")

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -42,8 +42,8 @@ from typing import Any, Callable, Sequence
 import click
 import torch
 
-from sparse_rt.bench.common import (DEFAULT_BUDGETS, BenchReport, BudgetList, PipelineList, bench_options, emit,
-                                    median_time, percentile, pyplot, resolve_budgets, save_figure)
+from sparse_rt.bench.common import (DEFAULT_BUDGETS, Batches, BenchReport, BudgetList, NumberList, PipelineList,
+                                    bench_options, emit, pyplot, resolve_budgets, save_figure, synthetic_batches)
 from sparse_rt.bench.netns import namespace, netem_problem, run_inside, shape_loopback
 from sparse_rt.errors import DataError
 from sparse_rt.pipeline import Pipeline, get_pipeline
@@ -60,24 +60,6 @@ REQUEST_TIMEOUT = 300.0  # seconds: a full-budget fp32 step on a slow link takes
 CHILD_TIMEOUT = 3600.0  # seconds for all variants of one rate inside the namespace
 COLUMNS = ("mbps", "budget", "codec", "bytes_per_sample", "samples_per_s", "bound", "ratio_vs_bound", "limited_by",
            "ceiling", "step_ms", "compute_ms", "transfer_ms", "delay_ms")
-
-
-class NumberList(click.ParamType):
-    """Comma-separated positive numbers: 10,100,1000."""
-
-    name = "LIST"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[float]:
-        if isinstance(value, list):
-            return value
-        try:
-            numbers = [float(item) for item in str(value).split(",")]
-        except ValueError:
-            self.fail(f"expected comma-separated numbers such as {DEFAULT_MBPS}, got '{value}'", param, ctx)
-        bad = [n for n in numbers if not (n > 0 and math.isfinite(n))]
-        if bad:
-            self.fail(f"every link rate must be a positive number of Mbit/s, got {bad[0]:g}", param, ctx)
-        return numbers
 
 
 class CodecList(click.ParamType):
@@ -126,7 +108,7 @@ class Plan:
     synthetic: bool
 
 
-def training_batches(pipeline: Pipeline, plan: Plan) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], str]:
+def training_batches(pipeline: Pipeline, plan: Plan) -> tuple[Batches, str]:
     """Up to ``steps`` batches to cycle through, and what they are: the pipeline's real data, else synthetic."""
     reason = "asked for with --synthetic"
     if not plan.synthetic:
@@ -140,22 +122,17 @@ def training_batches(pipeline: Pipeline, plan: Plan) -> tuple[list[tuple[torch.T
                 return ([(data.x_train[i * size:(i + 1) * size], data.y_train[i * size:(i + 1) * size])
                          for i in range(count)], f"real ({pipeline.name}'s own training data)")
             reason = f"the pipeline's data holds fewer than {size} training samples"
-    generator = torch.Generator().manual_seed(plan.seed)
-    x = torch.randn(plan.batch_size, *pipeline.input_shape, generator=generator)
-    y = torch.randint(0, pipeline.num_classes, (plan.batch_size,), generator=generator)
-    return [(x, y)], f"synthetic (random normal inputs; {reason})"
+    return synthetic_batches(pipeline, plan.batch_size, 1, plan.seed), f"synthetic (random normal inputs; {reason})"
 
 
 def _split(pipeline: Pipeline, plan: Plan, variant: Variant, shaper: Shaper | None) -> SplitPair:
     """A server and an edge in one loop over tcp://127.0.0.1, both sockets on ``shaper`` (None: unshaped)."""
     torch.manual_seed(plan.seed)
-    return SplitPair(pipeline.build_model(), pipeline.cut, pipeline.input_shape, budget=variant.budget,
-                     codec=variant.codec, lz4=variant.lz4, resolution=pipeline.resolution,
-                     optimizer=pipeline.optimizer, lr=pipeline.lr, weight_decay=pipeline.weight_decay,
-                     transport="tcp", name=pipeline.name, request_timeout=REQUEST_TIMEOUT, shaper=shaper)
+    return SplitPair.for_pipeline(pipeline, budget=variant.budget, codec=variant.codec, lz4=variant.lz4,
+                                  transport="tcp", request_timeout=REQUEST_TIMEOUT, shaper=shaper)
 
 
-def measure(pipeline: Pipeline, plan: Plan, variant: Variant, batches: list[tuple[torch.Tensor, torch.Tensor]],
+def measure(pipeline: Pipeline, plan: Plan, variant: Variant, batches: Batches,
             shapers: Sequence[Shaper | None]) -> list[Measured]:
     """One split per link (None: unshaped), timed in turn, run by run.
 
@@ -176,16 +153,14 @@ def measure(pipeline: Pipeline, plan: Plan, variant: Variant, batches: list[tupl
             for i in range(plan.steps):
                 await split.edge.train_step(*batches[i % len(batches)])
 
-        def one_round() -> None:
+        for _ in range(plan.warmup + plan.repeats):
             for split, times in zip(splits, seconds):
                 started = time.perf_counter()
                 loop.run_until_complete(steps(split))
                 times.append(time.perf_counter() - started)
-
-        median_time(one_round, plan.repeats, plan.warmup)
         per_run = sum(len(batches[i % len(batches)][1]) for i in range(plan.steps))
         samples = per_run * (plan.warmup + plan.repeats)
-        return [Measured(per_run / percentile(times[plan.warmup:], 50),
+        return [Measured(per_run / statistics.median(times[plan.warmup:]),
                          (split.traffic.bytes_sent - start.bytes_sent) / samples,
                          (split.traffic.bytes_received - start.bytes_received) / samples)
                 for split, start, times in zip(splits, before, seconds)]
@@ -333,7 +308,8 @@ def plot(report: BenchReport, path: Path) -> None:
 @bench_options
 @click.option("--pipeline", "pipeline_name", type=PipelineList(), default="cifar_cnn", show_default=True,
               help="Registered pipeline (or module:attribute) to train split.")
-@click.option("--mbps", type=NumberList(), default=DEFAULT_MBPS, show_default=True,
+@click.option("--mbps", type=NumberList(float, DEFAULT_MBPS, "every link rate must be a positive number of Mbit/s"),
+              default=DEFAULT_MBPS, show_default=True,
               help="Comma-separated link rates in Mbit/s (1e6 bit/s).")
 @click.option("--rtt-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Round-trip time of the link in ms (half of it each way).")

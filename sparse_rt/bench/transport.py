@@ -166,10 +166,12 @@ class Bench:
         self.raw.setsockopt(zmq.RCVTIMEO, int(ANSWER_TIMEOUT * 1000))
         self.raw.connect(raw_address)
 
-    def measure(self, size: int, count: int, every: int, repeats: int, warmup: int) -> dict[str, Timing]:
-        """Both variants, ``repeats`` rounds of ``count`` messages each after ``warmup`` rounds, interleaved."""
-        message = message_for(size)
-        payload = b"".join(bytes(memoryview(frame)) for frame in encode_message(message))
+    def measure(self, message: Activations, payload: bytes, count: int, every: int, repeats: int,
+                warmup: int) -> dict[str, Timing]:
+        """Both variants, ``repeats`` rounds of ``count`` messages each after ``warmup`` rounds, interleaved.
+
+        sparse-rt encodes ``message`` for every send; raw sends ``payload``, the same bytes, as one frame.
+        """
         runs: dict[str, Callable[[], Any]] = {
             "sparse_rt": lambda: self.loop.run_until_complete(self._sparse_round(message, count, every)),
             "raw": lambda: self._raw_round(payload, count, every)}
@@ -243,10 +245,13 @@ def run_transport(sizes: list[int], repeats: int, warmup: int, max_messages: int
     bench = Bench()
     try:
         for size in sizes:
-            wire = frame_bytes(encode_message(message_for(size)))  # header + indices + values, what both send
+            message = message_for(size)
+            frames = encode_message(message)
+            wire = frame_bytes(frames)  # header + indices + values, what both send
+            payload = b"".join(bytes(memoryview(frame)) for frame in frames)
             stream, ping = round_sizes(size, max_messages)
-            streaming = bench.measure(size, stream, stream, repeats, warmup)
-            pings = bench.measure(size, ping, 1, repeats, warmup)
+            streaming = bench.measure(message, payload, stream, stream, repeats, warmup)
+            pings = bench.measure(message, payload, ping, 1, repeats, warmup)
             sparse, raw = streaming["sparse_rt"].seconds, streaming["raw"].seconds
             report.rows.append({
                 "size": _label(size), "bytes": size, "wire_bytes": wire,

@@ -25,20 +25,9 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LinkStats:
-    """What the link carried, for profiles: seconds busy serializing and seconds messages waited for it."""
-
-    messages: int = 0
-    bytes: int = 0
-    busy_s: float = 0.0  # sum of 8 n / rate
-    queued_s: float = 0.0  # sum of the waits for the link to be free
 
 
 class Shaper:
@@ -51,7 +40,6 @@ class Shaper:
             raise ValueError(f"a link's one-way delay must be >= 0 s, got {delay_s}")
         self.rate_bps = float(rate_bps)
         self.delay_s = float(delay_s)
-        self.stats = LinkStats()
         self._free_at = 0.0  # monotonic time the last reserved message finishes serializing
         self._lock = threading.Lock()  # ends of one link may live in different threads' loops
 
@@ -59,13 +47,7 @@ class Shaper:
         """Put ``nbytes`` on the link after what is already on it; returns when they arrive (monotonic s)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            start = max(now, self._free_at)
-            duration = 8 * nbytes / self.rate_bps
-            self._free_at = start + duration
-            self.stats.messages += 1
-            self.stats.bytes += nbytes
-            self.stats.busy_s += duration
-            self.stats.queued_s += start - now
+            self._free_at = max(now, self._free_at) + 8 * nbytes / self.rate_bps
             return self._free_at + self.delay_s
 
     def __repr__(self) -> str:
@@ -78,8 +60,7 @@ class ShapedSender:
     def __init__(self, shaper: Shaper, send: Callable[[list[Any]], Awaitable[Any]], queue_size: int = 1000) -> None:
         self.shaper = shaper
         self._send = send
-        self._queue: asyncio.Queue[tuple[float, list[Any]]] | None = None
-        self._queue_size = queue_size
+        self._queue: asyncio.Queue[tuple[float, list[Any]]] = asyncio.Queue(queue_size)  # binds its loop on first use
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
 
@@ -88,13 +69,10 @@ class ShapedSender:
         if self._failure is not None:  # lost data is never silent: the next send reports it
             raise ConnectionError(f"a shaped send failed earlier: {self._failure!r}") from self._failure
         if self._task is None:  # created here, in the loop that sends
-            self._queue = asyncio.Queue(self._queue_size)
             self._task = asyncio.create_task(self._deliver(), name=f"shaped sender {self.shaper!r}")
-        assert self._queue is not None
         await self._queue.put((self.shaper.reserve(nbytes), message))
 
     async def _deliver(self) -> None:
-        assert self._queue is not None
         while True:
             arrives, message = await self._queue.get()
             wait = arrives - time.monotonic()
