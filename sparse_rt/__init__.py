@@ -21,11 +21,11 @@ _EXPORTS = {
     "Pipeline": "sparse_rt.pipeline",
     "get_pipeline": "sparse_rt.pipeline",
     "RunConfig": "sparse_rt.config",
-    "run_local": "sparse_rt.runtime.local",
-    "RunSummary": "sparse_rt.runtime.summary",
-    "EdgeClient": "sparse_rt.runtime.client",
-    "SyncEdgeClient": "sparse_rt.runtime.client",
-    "SplitPair": "sparse_rt.runtime.pair",
+    "run_local": "sparse_rt.train.local",
+    "RunSummary": "sparse_rt.train.summary",
+    "EdgeClient": "sparse_rt.edge.client",
+    "SyncEdgeClient": "sparse_rt.edge.client",
+    "SplitPair": "sparse_rt.pair",
     # wire
     "get_codec": "sparse_rt.wire.codecs",
     "CODEC_NAMES": "sparse_rt.wire.codecs",
@@ -60,8 +60,8 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
     from sparse_rt.model.sides import build_sides
     from sparse_rt.model.split import SplitModel, cut_points, split_model
     from sparse_rt.pipeline import Pipeline, get_pipeline
-    from sparse_rt.runtime.client import EdgeClient, SyncEdgeClient
-    from sparse_rt.runtime.local import run_local
-    from sparse_rt.runtime.summary import RunSummary
-    from sparse_rt.runtime.pair import SplitPair
+    from sparse_rt.edge.client import EdgeClient, SyncEdgeClient
+    from sparse_rt.train.local import run_local
+    from sparse_rt.train.summary import RunSummary
+    from sparse_rt.pair import SplitPair
     from sparse_rt.wire.codecs import CODEC_NAMES, get_codec

@@ -91,12 +91,12 @@ def run(pipeline: str, budget: int | None, epochs: int | None, codec: str, lz4: 
     config = RunConfig(pipeline=pipeline, budget=budget, epochs=epochs, codec=codec, lz4=lz4, data=data, seed=seed,
                        batch_size=batch_size, lr=lr, resolution=resolution, transport=transport)
     if edges is not None:
-        from sparse_rt.runtime.multi import run_edges
+        from sparse_rt.nodes.multi import run_edges
 
         combined = run_edges(config, edges, echo=not as_json)
         click.echo(json.dumps(combined) if as_json else _edges_table(combined))
         return
-    from sparse_rt.runtime.local import run_local  # torch loads here, not for --help
+    from sparse_rt.train.local import run_local  # torch loads here, not for --help
 
     summary = run_local(config)
     if as_json:
@@ -128,7 +128,7 @@ def _run_schedule(method: str, plan_for, pipeline: str, out: Path, connect: str 
                   **options) -> None:
     import asyncio
 
-    from sparse_rt.runtime.scheduled import run_schedule
+    from sparse_rt.train.scheduled import run_schedule
 
     summary = asyncio.run(run_schedule(method, RunConfig(pipeline=pipeline, **options), plan_for, out, connect,
                                        retries))
@@ -154,7 +154,7 @@ def train_group() -> None:
 @_connect_option
 def train_deprune(phases: str, boost: float, boost_epochs: int, pipeline: str, out: Path, **options) -> None:
     """Train at a small budget, then raise it: most epochs send few channels."""
-    from sparse_rt import schedules
+    from sparse_rt.train import schedules
 
     _run_schedule("deprune", lambda c: schedules.deprune(schedules.parse_phases(phases, c), boost, boost_epochs),
                   pipeline, out, **options)
@@ -165,7 +165,7 @@ def train_deprune(phases: str, boost: float, boost_epochs: int, pipeline: str, o
 @click.option("--phases", required=True, help="Descending BUDGET:EPOCHS list, e.g. C:30,32:10,4:10.")
 def train_prune(phases: str, pipeline: str, out: Path, **options) -> None:
     """Train at full budget, then transfer to each smaller budget: one model per budget (a model set)."""
-    from sparse_rt import schedules
+    from sparse_rt.train import schedules
 
     _run_schedule("prune", lambda c: schedules.prune(schedules.parse_phases(phases, c)), pipeline, out, **options)
 
@@ -177,7 +177,7 @@ def train_prune(phases: str, pipeline: str, out: Path, **options) -> None:
 @_connect_option
 def train_fixed(budget: str, epochs: int, pipeline: str, out: Path, **options) -> None:
     """One budget throughout: the baselines (no compression at C, high compression, from scratch)."""
-    from sparse_rt import schedules
+    from sparse_rt.train import schedules
 
     _run_schedule("fixed", lambda c: schedules.fixed(schedules.parse_phases(f"{budget}:{epochs}", c)[0].budget,
                                                      epochs), pipeline, out, **options)
@@ -202,7 +202,7 @@ def experiment_deprune(phases: str, boost: float, boost_epochs: int, seeds: int,
     """deprune vs no compression vs fixed high compression, same epochs: bytes to accuracy, accuracy."""
     import asyncio
 
-    from sparse_rt.runtime.experiment import deprune_experiment
+    from sparse_rt.train.experiment import deprune_experiment
 
     report = asyncio.run(deprune_experiment(RunConfig(pipeline=pipeline, **options), phases, boost, boost_epochs,
                                             seeds, out))
@@ -218,7 +218,7 @@ def experiment_prune(phases: str, seeds: int, pipeline: str, out: Path, **option
     """prune vs from-scratch training at each smaller budget: epochs to reach the same accuracy."""
     import asyncio
 
-    from sparse_rt.runtime.experiment import prune_experiment
+    from sparse_rt.train.experiment import prune_experiment
 
     report = asyncio.run(prune_experiment(RunConfig(pipeline=pipeline, **options), phases, seeds, out))
     click.echo(json.dumps(report, indent=2))
@@ -233,7 +233,7 @@ def models_group() -> None:
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def models_show(folder: Path) -> None:
     """Print a model set's manifest as a table."""
-    from sparse_rt.runtime.modelset import read_manifest
+    from sparse_rt.store.modelset import read_manifest
 
     manifest = read_manifest(folder)
     click.echo(f"{manifest['pipeline']}: cut after '{manifest['cut']}', {manifest['channels']} channels, "
@@ -314,7 +314,7 @@ def node(config_file: Path | None, **options) -> None:
     import logging
 
     from sparse_rt.config import load_node_config
-    from sparse_rt.runtime.node import run_edge_node, run_server_node
+    from sparse_rt.nodes.node import run_edge_node, run_server_node
 
     config = load_node_config(config_file, options)
     logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s {config.role} %(levelname)s %(message)s")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_rt.errors import ConfigError
-from sparse_rt.schedules import deprune, parse_phases
+from sparse_rt.train.schedules import deprune, parse_phases
 from sparse_rt.wire.codecs import CODEC_NAMES
 from sparse_rt.wire.header import MAX_CHANNELS
 

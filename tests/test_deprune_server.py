@@ -12,8 +12,8 @@ import torch
 
 from sparse_rt.errors import WireError
 from sparse_rt.pipeline import get_pipeline
-from sparse_rt.runtime.launch import NodeProcess
-from sparse_rt.runtime.pair import SplitPair
+from sparse_rt.nodes.launch import NodeProcess
+from sparse_rt.pair import SplitPair
 from sparse_rt.wire.header import decode_header
 from sparse_rt.wire.messages import Activations, decode_message, encode_message
 

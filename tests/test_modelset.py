@@ -9,8 +9,8 @@ import torch
 from sparse_rt.cli import main
 from sparse_rt.data.datasets import load_digits
 from sparse_rt.errors import ConfigError, RemoteError
-from sparse_rt.runtime.client import EdgeClient
-from sparse_rt.runtime.launch import NodeProcess
+from sparse_rt.edge.client import EdgeClient
+from sparse_rt.nodes.launch import NodeProcess
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ async def test_pipelined_predictions_match_one_request_at_a_time_in_order(model_
 
 
 def test_the_blocking_client_pipelines_predictions_too(model_set, served):
-    from sparse_rt.runtime.client import SyncEdgeClient
+    from sparse_rt.edge.client import SyncEdgeClient
 
     chunks = list(load_digits(seed=0).x_test[:192].split(64))
     with SyncEdgeClient("digits_cnn", served, model_set=model_set, budget=2) as edge:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sparse_rt.runtime.launch import NodeProcess
+from sparse_rt.nodes.launch import NodeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = {"pipeline": "digits_cnn", "seed": 0}

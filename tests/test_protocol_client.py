@@ -403,7 +403,7 @@ def context():
 
 
 def _start_server():
-    from sparse_rt.runtime.launch import NodeProcess
+    from sparse_rt.nodes.launch import NodeProcess
 
     server = NodeProcess("server", {"pipeline": PIPELINE, "bind": "tcp://127.0.0.1:*", "seed": SEED, "json": True})
     try:
@@ -463,7 +463,7 @@ def reference():
     import torch
 
     from sparse_rt.pipeline import get_pipeline
-    from sparse_rt.runtime.build import server_side
+    from sparse_rt.assembly import server_side
 
     model, cut = server_side(get_pipeline(PIPELINE), seed=SEED, resolution=0)
     assert (cut.channels, cut.sent_height, cut.sent_width) == (CHANNELS, SIDE, SIDE)

@@ -13,9 +13,9 @@ import zmq.asyncio
 from pipelines.digits_cnn import pipeline as digits
 from sparse_rt.errors import DataError
 from sparse_rt.model.sides import build_sides
-from sparse_rt.runtime.build import largest_frame
-from sparse_rt.runtime.checkpoint import read_checkpoint, save_checkpoint
-from sparse_rt.runtime.server import SplitServer
+from sparse_rt.assembly import largest_frame
+from sparse_rt.store.checkpoint import read_checkpoint, save_checkpoint
+from sparse_rt.server.server import SplitServer
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.tail import TailStage
 from sparse_rt.transport.connection import bind_router

@@ -10,7 +10,7 @@ import torch
 from sparse_rt.cli import main
 from sparse_rt.errors import ConfigError
 from sparse_rt.model.compression import Compressor
-from sparse_rt.schedules import Phase, deprune, fixed, parse_phases, prune
+from sparse_rt.train.schedules import Phase, deprune, fixed, parse_phases, prune
 
 
 def test_phases_parse_with_c_for_all_channels():
@@ -106,7 +106,7 @@ def test_train_deprune_sends_fewer_bytes_while_the_budget_is_small(tmp_path, cap
 
 
 def test_experiments_write_reports_and_plots(tmp_path, capsys):
-    from sparse_rt.runtime.experiment import final_accuracy, first_reaching
+    from sparse_rt.train.experiment import final_accuracy, first_reaching
 
     rows = [{"test_accuracy": a, "bytes_up": 10.0 * i, "bytes_down": 1.0} for i, a in enumerate([0.2, 0.6, 0.5, 0.7])]
     assert final_accuracy(rows) == pytest.approx(0.6)

@@ -13,8 +13,8 @@ import zmq.asyncio
 from pipelines.digits_cnn import pipeline as digits
 from sparse_rt.errors import RemoteError
 from sparse_rt.model.sides import build_sides
-from sparse_rt.runtime.edge import EdgeSession, SessionSettings
-from sparse_rt.runtime.server import SplitServer
+from sparse_rt.edge.session import EdgeSession, SessionSettings
+from sparse_rt.server.server import SplitServer
 from sparse_rt.stages.head import HeadStage
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.tail import TailStage

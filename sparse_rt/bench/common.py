@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import torch
 
     from sparse_rt.pipeline import Pipeline
-    from sparse_rt.runtime.launch import NodeProcess
+    from sparse_rt.nodes.launch import NodeProcess
 
 Batches = list[tuple["torch.Tensor", "torch.Tensor"]]
 
@@ -276,7 +276,7 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 def start_server(options: dict[str, Any]) -> tuple[NodeProcess, str]:
     """A `sparse-rt node --role server` process on a free loopback port, and its address; a failed start is one error."""
-    from sparse_rt.runtime.launch import NodeProcess
+    from sparse_rt.nodes.launch import NodeProcess
 
     server = NodeProcess("server", {"bind": "tcp://127.0.0.1:*", "json": True, **options})
     try:

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from sparse_rt.bench.common import (Batches, BenchReport, PipelineList, bench_options, emit, median_time, pyplot,
                                     save_figure, start_server, stop_server, synthetic_batches, torch_threads)
 from sparse_rt.pipeline import Pipeline, get_pipeline
-from sparse_rt.runtime.client import EdgeClient
+from sparse_rt.edge.client import EdgeClient
 from sparse_rt.stages.optimizer import build_optimizer
 
 PIPELINES = ("digits_cnn", "cifar_cnn", "vgg11_cifar10")

@@ -56,7 +56,7 @@ def edge_worker(index: int, pipeline: str, address: str, batch_size: int, warmup
 
 async def _train_in_window(index: int, pipeline: str, address: str, batch_size: int, warmup: int, seed: int,
                            ready: Any, go: Any, window: Any, report: dict[str, Any]) -> None:
-    from sparse_rt.runtime.client import EdgeClient
+    from sparse_rt.edge.client import EdgeClient
 
     async with EdgeClient(pipeline, address, mode="train", seed=seed, timeout=REQUEST_TIMEOUT) as client:
         assert client.session is not None
@@ -94,7 +94,7 @@ def run_window(edges: int, address: str, pipeline: str, batch_size: int, seconds
     context = multiprocessing.get_context("forkserver")
     # Children fork from a process that already imported torch (and torch._dynamo, which creating an Adam
     # optimizer imports: seconds per process): they start fast and share those pages.
-    context.set_forkserver_preload(["torch._dynamo", "sparse_rt.runtime.client", "sparse_rt.bench.edges"])
+    context.set_forkserver_preload(["torch._dynamo", "sparse_rt.edge.client", "sparse_rt.bench.edges"])
     ready, go, window, results = context.Barrier(edges + 1), context.Event(), context.Array("d", 2), context.Queue()
     workers = [context.Process(target=edge_worker, name=f"edge {k}", daemon=True,
                                args=(k, pipeline, address, batch_size, warmup, seed, ready, go, window, results))

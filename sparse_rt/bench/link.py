@@ -47,8 +47,8 @@ from sparse_rt.bench.common import (DEFAULT_BUDGETS, Batches, BenchReport, Budge
 from sparse_rt.bench.netns import namespace, netem_problem, run_inside, shape_loopback
 from sparse_rt.errors import DataError
 from sparse_rt.pipeline import Pipeline, get_pipeline
-from sparse_rt.runtime.build import build_halves
-from sparse_rt.runtime.pair import SplitPair
+from sparse_rt.assembly import build_halves
+from sparse_rt.pair import SplitPair
 from sparse_rt.transport.shaper import Shaper
 from sparse_rt.wire.codecs import CODEC_NAMES
 

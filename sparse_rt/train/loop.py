@@ -1,6 +1,6 @@
 """The one training loop, for `sparse-rt run`, `sparse-rt train` and edge nodes alike.
 
-It follows a schedule (sparse_rt/schedules.py), one plan per epoch: it sets
+It follows a schedule (sparse_rt/train/schedules.py), one plan per epoch: it sets
 the compressor's budget (resetting filter entries as the plan says), the
 learning-rate factor and the exploration, which anneals over the first
 quarter of every phase below full budget. It runs every batch through the split
@@ -17,8 +17,8 @@ from typing import Callable, Iterable
 from tqdm import tqdm
 
 from sparse_rt.model.compression import annealed_exploration
-from sparse_rt.runtime.edge import EdgeSession
-from sparse_rt.schedules import EpochPlan
+from sparse_rt.edge.session import EdgeSession
+from sparse_rt.train.schedules import EpochPlan
 from sparse_rt.stages.source import Batch, batches
 
 log = logging.getLogger(__name__)

@@ -20,16 +20,16 @@ import zmq.asyncio
 
 from sparse_rt.config import NodeConfig, shard_index
 from sparse_rt.pipeline import get_pipeline
-from sparse_rt.runtime.build import largest_frame, server_side
-from sparse_rt.runtime.checkpoint import read_checkpoint, save_checkpoint
-from sparse_rt.runtime.client import EdgeClient
-from sparse_rt.runtime.local import load_data
-from sparse_rt.runtime.metrics import MetricsLog
-from sparse_rt.runtime.modelset import load_model_set
-from sparse_rt.runtime.server import SplitServer
-from sparse_rt.runtime.summary import RunSummary, summarize
-from sparse_rt.runtime.training import TrainingResult, train
-from sparse_rt.schedules import deprune, fixed, parse_phases
+from sparse_rt.assembly import largest_frame, server_side
+from sparse_rt.store.checkpoint import read_checkpoint, save_checkpoint
+from sparse_rt.edge.client import EdgeClient
+from sparse_rt.train.local import load_data
+from sparse_rt.metrics import MetricsLog
+from sparse_rt.store.modelset import load_model_set
+from sparse_rt.server.server import SplitServer
+from sparse_rt.train.summary import RunSummary, summarize
+from sparse_rt.train.loop import TrainingResult, train
+from sparse_rt.train.schedules import deprune, fixed, parse_phases
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.tail import TailStage
 from sparse_rt.transport.connection import bind_router

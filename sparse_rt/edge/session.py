@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import torch
 
 from sparse_rt.errors import RemoteError, WireError
-from sparse_rt.runtime.metrics import MetricsLog, StageTimer
+from sparse_rt.metrics import MetricsLog, StageTimer
 from sparse_rt.stages.head import HeadStage, Sent
 from sparse_rt.stages.source import Batch, batches
 from sparse_rt.transport.connection import frame_bytes

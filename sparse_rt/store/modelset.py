@@ -15,8 +15,8 @@ from torch import nn
 from sparse_rt.errors import DataError
 from sparse_rt.model.sides import CutShape
 from sparse_rt.pipeline import Pipeline
-from sparse_rt.runtime.build import build_halves
-from sparse_rt.runtime.checkpoint import read_checkpoint
+from sparse_rt.assembly import build_halves
+from sparse_rt.store.checkpoint import read_checkpoint
 
 MANIFEST = "manifest.json"  # in a model set's folder: what each budget's model is
 

@@ -21,11 +21,11 @@ import zmq.asyncio
 from sparse_rt.errors import ConfigError
 from sparse_rt.model.sides import CutShape, EdgeModel
 from sparse_rt.pipeline import Pipeline, get_pipeline
-from sparse_rt.runtime.build import edge_side
-from sparse_rt.runtime.checkpoint import read_checkpoint, save_checkpoint
-from sparse_rt.runtime.edge import EdgeSession, SessionSettings
-from sparse_rt.runtime.metrics import MetricsLog
-from sparse_rt.runtime.modelset import load_model_set
+from sparse_rt.assembly import edge_side
+from sparse_rt.store.checkpoint import read_checkpoint, save_checkpoint
+from sparse_rt.edge.session import EdgeSession, SessionSettings
+from sparse_rt.metrics import MetricsLog
+from sparse_rt.store.modelset import load_model_set
 from sparse_rt.stages.head import HeadStage
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.source import Batch

@@ -15,11 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from sparse_rt import schedules
+from sparse_rt.train import schedules
 from sparse_rt.config import RunConfig
 from sparse_rt.plotting import pyplot
-from sparse_rt.runtime.scheduled import run_schedule
-from sparse_rt.schedules import EpochPlan
+from sparse_rt.train.scheduled import run_schedule
+from sparse_rt.train.schedules import EpochPlan
 
 Rows = list[dict[str, float]]
 

@@ -1,8 +1,8 @@
 """`sparse-rt train`: a schedule (deprune, prune, fixed) run split, with a CSV per epoch and model sets.
 
-The run is a :class:`~sparse_rt.runtime.pair.SplitPair` (edge and server in
+The run is a :class:`~sparse_rt.pair.SplitPair` (edge and server in
 one process, every byte through a ZeroMQ socket) or, given a server's
-address, an :class:`~sparse_rt.runtime.client.EdgeClient` connected to a
+address, an :class:`~sparse_rt.edge.client.EdgeClient` connected to a
 running `sparse-rt node --role server`, as an edge node is; either way it
 is driven by the one training loop, which also sends the schedule's
 learning-rate boost to the server with every step. After every epoch it
@@ -26,13 +26,13 @@ import torch
 from sparse_rt.config import RunConfig
 from sparse_rt.errors import ConfigError
 from sparse_rt.pipeline import Pipeline, get_pipeline
-from sparse_rt.runtime.checkpoint import save_checkpoint
-from sparse_rt.runtime.client import EdgeClient
-from sparse_rt.runtime.local import load_data
-from sparse_rt.runtime.modelset import MANIFEST
-from sparse_rt.runtime.pair import SplitPair
-from sparse_rt.runtime.training import train
-from sparse_rt.schedules import EpochPlan
+from sparse_rt.store.checkpoint import save_checkpoint
+from sparse_rt.edge.client import EdgeClient
+from sparse_rt.train.local import load_data
+from sparse_rt.store.modelset import MANIFEST
+from sparse_rt.pair import SplitPair
+from sparse_rt.train.loop import train
+from sparse_rt.train.schedules import EpochPlan
 from sparse_rt.transport.connection import Traffic
 from sparse_rt.wire.codecs import CODEC_NAMES, get_codec
 

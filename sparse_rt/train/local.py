@@ -13,10 +13,10 @@ import torch
 from sparse_rt.config import RunConfig
 from sparse_rt.data.datasets import TensorSplit, load_npz
 from sparse_rt.pipeline import Pipeline, get_pipeline
-from sparse_rt.runtime.pair import SplitPair
-from sparse_rt.runtime.summary import RunSummary, summarize
-from sparse_rt.runtime.training import train
-from sparse_rt.schedules import fixed
+from sparse_rt.pair import SplitPair
+from sparse_rt.train.summary import RunSummary, summarize
+from sparse_rt.train.loop import train
+from sparse_rt.train.schedules import fixed
 
 
 def load_data(pipeline: Pipeline, config: RunConfig) -> TensorSplit:

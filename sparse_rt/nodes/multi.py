@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from sparse_rt.config import RunConfig
-from sparse_rt.runtime.launch import NodeProcess
+from sparse_rt.nodes.launch import NodeProcess
 
 
 def run_edges(config: RunConfig, edges: int, echo: bool = True) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from torch import nn
 from sparse_rt.model.compression import PruneLossWeights
 from sparse_rt.model.sides import build_sides
 from sparse_rt.pipeline import Pipeline
-from sparse_rt.runtime.edge import EdgeSession, SessionSettings
-from sparse_rt.runtime.server import SplitServer
+from sparse_rt.edge.session import EdgeSession, SessionSettings
+from sparse_rt.server.server import SplitServer
 from sparse_rt.stages.head import HeadStage
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.source import Batch

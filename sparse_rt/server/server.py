@@ -24,7 +24,7 @@ import zmq
 
 from sparse_rt.errors import WireError
 from sparse_rt.model.sides import CutShape
-from sparse_rt.runtime.metrics import MetricsLog, StageTimer
+from sparse_rt.metrics import MetricsLog, StageTimer
 from sparse_rt.stages.tail import TailStage
 from sparse_rt.transport.connection import Connection, frame_bytes
 from sparse_rt.wire.codecs import CODEC_NAMES
