@@ -8,6 +8,7 @@ function that returns a :class:`~sparse_rt.bench.common.BenchReport`:
 - e2e: split training and inference over loopback vs the same model unsplit
 - edges: 1..32 edge processes on one server: throughput, fairness, latency, lost steps
 - link: a constrained link (bandwidth, delay) vs the bound it allows
+- exchange: one split exchange (train, infer) vs raw pyzmq and the compute alone
 """
 
-SUITES = ("transport", "codec", "e2e", "edges", "link")
+SUITES = ("transport", "codec", "e2e", "edges", "link", "exchange")

@@ -26,9 +26,10 @@ import multiprocessing
 import re
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 import torch
@@ -82,6 +83,7 @@ class Phase:
     variant: str  # "sparse_rt" or "raw"
     count: int
     every: int
+    answer: int = 0  # raw only: bytes of each reply (bench exchange's gradient or prediction); 0 = ACK
 
 
 def _peer(pipe) -> None:
@@ -99,7 +101,7 @@ async def _serve(pipe) -> None:
     try:
         # Nothing else runs on this loop, so blocking on the pipe or on the raw socket stalls nobody.
         while (phase := pipe.recv()) is not None:
-            cpu = time.process_time()
+            cpu, answer = time.process_time(), bytes(phase.answer) if phase.answer else ACK
             for i in range(1, phase.count + 1):
                 if phase.variant == "sparse_rt":
                     route, frames = await router.recv()
@@ -109,7 +111,7 @@ async def _serve(pipe) -> None:
                 else:
                     route, _ = raw.recv_multipart(copy=False)
                     if i % phase.every == 0:
-                        raw.send_multipart([route, ACK])
+                        raw.send_multipart([route, answer], copy=False)
             pipe.send(time.process_time() - cpu)  # this process's CPU seconds, I/O thread included
     finally:
         router.close()
@@ -188,6 +190,17 @@ class Bench:
                     seconds[variant].append(elapsed / count)
                     cpu[variant] += used / count
         return {variant: Timing(statistics.median(seconds[variant]), cpu[variant] / repeats) for variant in runs}
+
+    @contextmanager
+    def raw_trips(self, payload: bytes, answer: int, count: int) -> Iterator[Callable[[], None]]:
+        """A call that makes one raw round trip (``payload`` up, ``answer`` bytes back); make exactly ``count``.
+
+        For a suite that times single round trips between other work (bench exchange): the peer
+        learns of all ``count`` at once, so the pipe to it is inside no timed trip.
+        """
+        self.pipe.send(Phase("raw", count, 1, answer))
+        yield lambda: self._raw_round(payload, 1, 1)
+        self._from_peer("finish a round")
 
     def _from_peer(self, what: str) -> Any:
         if not self.pipe.poll(ANSWER_TIMEOUT):
