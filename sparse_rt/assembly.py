@@ -1,4 +1,4 @@
-"""One side of a pipeline's split model, built the same way in every process.
+"""Where stages are wired: one function per side builds its chain, and every entry point calls them.
 
 Both sides seed torch with the run's seed and build the whole model before
 taking their half, so a server and its edges start from the halves of one
@@ -6,10 +6,19 @@ model, and a test can rebuild either half exactly.
 """
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
+from torch.nn import functional as F
 
 from sparse_rt.model.sides import CutShape, EdgeModel, ServerModel, build_sides
 from sparse_rt.pipeline import Pipeline
+from sparse_rt.stages.chain import EdgeChain, OptimizerLike, ServerChain
+from sparse_rt.stages.codec import CodecStage
+from sparse_rt.stages.compressor import CompressorStage
+from sparse_rt.stages.decompressor import DecompressorStage
+from sparse_rt.stages.optimizer import OptimizerStage
+from sparse_rt.stages.tail import LossFn, TailStage
 
 
 def build_halves(pipeline: Pipeline, seed: int, budget: int | None, resolution: int):
@@ -25,6 +34,23 @@ def edge_side(pipeline: Pipeline, seed: int, budget: int | None, resolution: int
 def server_side(pipeline: Pipeline, seed: int, resolution: int) -> tuple[ServerModel, CutShape]:
     _, server, cut = build_halves(pipeline, seed, None, resolution)
     return server, cut
+
+
+def edge_chain(model: EdgeModel, optimizer: OptimizerLike, *, stages: Sequence[Any] = (),
+               codec: str = "fp32", lz4: bool = False, grad_codec: str | None = None,
+               grad_lz4: bool | None = None) -> EdgeChain:
+    """head -> ``stages`` -> compressor -> codec, stepping ``optimizer``; the transport joins at connect."""
+    return EdgeChain([model.head, *stages, CompressorStage(model.compressor),
+                      CodecStage(codec, grad_codec, lz4=lz4, down_lz4=grad_lz4)], optimizer)
+
+
+def server_chain(model: ServerModel, optimizer: torch.optim.Optimizer | None, *, stages: Sequence[Any] = (),
+                 loss_fn: LossFn = F.cross_entropy) -> ServerChain:
+    """``stages`` -> decompressor -> tail (+ loss) -> optimizer; without an optimizer it serves inference only."""
+    chain: list[Any] = [*stages, DecompressorStage(model.decompressor), TailStage(model.tail, loss_fn)]
+    if optimizer is not None:
+        chain.append(OptimizerStage(optimizer))
+    return ServerChain(chain)
 
 
 def largest_frame(cut: CutShape, max_batch: int) -> int:

@@ -10,22 +10,21 @@ import asyncio
 import os
 import tempfile
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import zmq
 import zmq.asyncio
 from torch import nn
 
+from sparse_rt.assembly import edge_chain, server_chain
 from sparse_rt.model.compression import PruneLossWeights
 from sparse_rt.model.sides import build_sides
 from sparse_rt.pipeline import Pipeline
 from sparse_rt.edge.session import EdgeSession, SessionSettings
 from sparse_rt.server.server import SplitServer
-from sparse_rt.stages.head import HeadStage
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.source import Batch
-from sparse_rt.stages.tail import TailStage
 from sparse_rt.transport.connection import Traffic, bind_router, connect_dealer
 from sparse_rt.transport.link import RequestLink
 from sparse_rt.transport.shaper import Shaper
@@ -54,8 +53,11 @@ class SplitPair:
     """``model`` cut after ``cut``: head + compressor on an edge, decompressor + tail on a server.
 
     Use ``async with SplitPair(...) as pair`` and call :meth:`train_step`,
-    :meth:`infer`, :meth:`train_epoch`, :meth:`evaluate`. Each side gets its
-    own optimizer over its own parameters; ``budget=None`` sends all channels.
+    :meth:`infer`, :meth:`evaluate`. Each side gets its own optimizer over its
+    own parameters; ``budget=None`` sends all channels. ``edge_stages`` go
+    between the head and the compressor, ``server_stages`` before the
+    decompressor (stages/base.py); ``grad_codec`` sends gradients in another
+    codec than the activations.
     ``shaper`` puts both sockets on one modelled link of limited rate and delay
     (transport/shaper.py), e.g. with ``transport="tcp"`` for `sparse-rt bench link`.
     """
@@ -64,7 +66,8 @@ class SplitPair:
                  codec: str = "fp32", lz4: bool = False, resolution: int = 0, optimizer: str = "adam",
                  lr: float = 1e-3, weight_decay: float = 0.0, transport: str = "inproc", name: str = "custom",
                  request_timeout: float = 60.0, weights: PruneLossWeights = PruneLossWeights(),
-                 shaper: Shaper | None = None) -> None:
+                 shaper: Shaper | None = None, edge_stages: Sequence[Any] = (), server_stages: Sequence[Any] = (),
+                 grad_codec: str | None = None, offload: bool = True) -> None:
         num_classes = count_outputs(model, input_shape)
         self.edge_model, self.server_model, self.cut = build_sides(model, cut, input_shape, budget, resolution,
                                                                    weights)
@@ -72,17 +75,18 @@ class SplitPair:
         self.name = name
         self.address = local_address(transport)
         self._context = zmq.asyncio.Context()
-        tail = TailStage(self.server_model, build_optimizer(self.server_model.parameters(), optimizer, lr,
-                                                            weight_decay))
+        tail = server_chain(self.server_model, build_optimizer(self.server_model.parameters(), optimizer, lr,
+                                                               weight_decay), stages=server_stages)
         server_socket = bind_router(self._context, self.address, shaper=shaper)
         self.address = server_socket.socket.getsockopt_string(zmq.LAST_ENDPOINT)  # the port, for tcp
         self.server = SplitServer(name, tail, self.cut, num_classes, server_socket)
-        head = HeadStage(self.edge_model, build_optimizer(self.edge_model.parameters(), optimizer, lr, weight_decay))
+        chain = edge_chain(self.edge_model, lambda params: build_optimizer(params, optimizer, lr, weight_decay),
+                           stages=edge_stages, codec=codec, lz4=lz4, grad_codec=grad_codec)
         self.link = RequestLink(connect_dealer(self._context, self.address, shaper=shaper), self.address,
                                 request_timeout)
-        self.edge = EdgeSession(head, self.link,
+        self.edge = EdgeSession(chain, self.link,
                                 SessionSettings(name, self.cut.channels, self.budget, codec, lz4,
-                                                resolution=resolution))
+                                                resolution=resolution, grad_codec=grad_codec), offload=offload)
         self._serving: asyncio.Task[None] | None = None
 
     @classmethod
@@ -116,9 +120,6 @@ class SplitPair:
 
     async def infer(self, x: torch.Tensor) -> torch.Tensor:
         return await self.edge.infer(x)
-
-    async def train_epoch(self, loader: Iterable[Batch], on_batch=None) -> float:
-        return await self.edge.train_epoch(loader, on_batch)
 
     async def evaluate(self, loader: Iterable[Batch]) -> float:
         return await self.edge.evaluate(loader)

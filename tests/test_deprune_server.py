@@ -40,8 +40,8 @@ async def test_the_boost_reaches_the_servers_tail_through_the_socket():
     torch.manual_seed(0)
     async with SplitPair(pipeline.build_model(), pipeline.cut, pipeline.input_shape, lr=0.003) as pair:
         x, y = torch.randn(8, *pipeline.input_shape), torch.randint(0, 10, (8,))
-        tail_lr = lambda: pair.server.tail.optimizer.param_groups[0]["lr"]
-        head_lr = lambda: pair.session.head.optimizer.param_groups[0]["lr"]
+        tail_lr = lambda: pair.server.chain.optimizer.optimizer.param_groups[0]["lr"]
+        head_lr = lambda: pair.session.chain.optimizer.optimizer.param_groups[0]["lr"]
         await pair.train_step(x, y)
         assert (head_lr(), tail_lr()) == pytest.approx((0.003, 0.003))
         pair.session.set_lr_scale(2.0)

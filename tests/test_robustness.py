@@ -17,24 +17,28 @@ from sparse_rt.assembly import largest_frame
 from sparse_rt.store.checkpoint import read_checkpoint, save_checkpoint
 from sparse_rt.server.server import SplitServer
 from sparse_rt.stages.optimizer import build_optimizer
-from sparse_rt.stages.tail import TailStage
+from sparse_rt.assembly import server_chain
+from sparse_rt.stages.base import Stage
 from sparse_rt.transport.connection import bind_router
 from sparse_rt.wire.messages import Activations, Gradients, Hello, Welcome, decode_message, encode_message
 
 
-class SlowTail(TailStage):
-    """A tail whose training step takes a while, as a big model's would."""
+class SlowStep(Stage):
+    """A server stage that makes every training step take a while, as a big model's tail would."""
 
-    def train_step(self, values, indices, labels, lr_scale=1.0):
-        time.sleep(1.0)
-        return super().train_step(values, indices, labels, lr_scale)
+    name = "slow"
+
+    def forward(self, cut, ctx):
+        if ctx.training:
+            time.sleep(1.0)
+        return cut
 
 
 @pytest.fixture
 async def slow_server(tmp_path):
     torch.manual_seed(0)
     _, server_model, cut = build_sides(digits.build_model(), digits.cut, digits.input_shape)
-    tail = SlowTail(server_model, build_optimizer(server_model.parameters(), "adam", 1e-3))
+    tail = server_chain(server_model, build_optimizer(server_model.parameters(), "adam", 1e-3), stages=[SlowStep()])
     context = zmq.asyncio.Context()
     address = f"ipc://{tmp_path}/{uuid.uuid4().hex[:8]}.sock"
     limit = largest_frame(cut, max_batch=8)

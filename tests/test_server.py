@@ -15,9 +15,8 @@ from sparse_rt.errors import RemoteError
 from sparse_rt.model.sides import build_sides
 from sparse_rt.edge.session import EdgeSession, SessionSettings
 from sparse_rt.server.server import SplitServer
-from sparse_rt.stages.head import HeadStage
+from sparse_rt.assembly import edge_chain, server_chain
 from sparse_rt.stages.optimizer import build_optimizer
-from sparse_rt.stages.tail import TailStage
 from sparse_rt.transport.connection import bind_router, connect_dealer, frame_bytes
 from sparse_rt.transport.link import RequestLink, ServerUnreachable
 from sparse_rt.wire.messages import (Activations, ErrorReply, Gradients, Hello, Predictions, Welcome, decode_message,
@@ -29,7 +28,7 @@ async def served(tmp_path):
     """A digits_cnn server on an ipc:// socket, and a raw DEALER to poke it with."""
     torch.manual_seed(0)
     edge_model, server_model, cut = build_sides(digits.build_model(), digits.cut, digits.input_shape, budget=4)
-    tail = TailStage(server_model, build_optimizer(server_model.parameters(), "adam", 1e-3))
+    tail = server_chain(server_model, build_optimizer(server_model.parameters(), "adam", 1e-3))
     context = zmq.asyncio.Context()
     address = f"ipc://{tmp_path}/server-{uuid.uuid4().hex[:8]}.sock"
     server = SplitServer(digits.name, tail, cut, digits.num_classes, bind_router(context, address))
@@ -93,11 +92,11 @@ async def test_a_resent_step_is_answered_again_but_applied_once(served):
     session = (await _open(raw)).session
     request = _batch(cut, session=session, step=0)
     first = await _ask(raw, encode_message(request))
-    weights = [p.detach().clone() for p in server.tail.model.parameters()]
+    weights = [p.detach().clone() for p in server.chain.module.parameters()]
     again = await _ask(raw, encode_message(request))
     assert server.stats.steps_applied == 1
     assert torch.equal(first.values, again.values)
-    assert all(torch.equal(a, b) for a, b in zip(weights, server.tail.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(weights, server.chain.module.parameters()))
     following = await _ask(raw, encode_message(_batch(cut, session=session, step=1)))
     assert isinstance(following, Gradients) and server.stats.steps_applied == 2
     older = await _ask(raw, encode_message(_batch(cut, session=session, step=0)))
@@ -150,8 +149,8 @@ async def test_an_inference_session_may_not_train(served):
 def _edge(served, pipeline: str = "digits_cnn") -> tuple[EdgeSession, RequestLink]:
     _, _, edge_model, cut, context, address = served
     link = RequestLink(connect_dealer(context, address), address, timeout=10)
-    head = HeadStage(edge_model, build_optimizer(edge_model.parameters(), "adam", 1e-3))
-    return EdgeSession(head, link, SessionSettings(pipeline, cut.channels, 4)), link
+    chain = edge_chain(edge_model, build_optimizer(edge_model.parameters(), "adam", 1e-3))
+    return EdgeSession(chain, link, SessionSettings(pipeline, cut.channels, 4)), link
 
 
 async def test_bytes_are_counted_at_the_socket_per_direction(served):

@@ -13,7 +13,7 @@ import asyncio
 import threading
 from pathlib import Path
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any, Coroutine, Iterable, TypeVar
+from typing import Any, Coroutine, Iterable, Sequence, TypeVar
 
 import torch
 import zmq.asyncio
@@ -21,12 +21,11 @@ import zmq.asyncio
 from sparse_rt.errors import ConfigError
 from sparse_rt.model.sides import CutShape, EdgeModel
 from sparse_rt.pipeline import Pipeline, get_pipeline
-from sparse_rt.assembly import edge_side
+from sparse_rt.assembly import edge_chain, edge_side
 from sparse_rt.store.checkpoint import read_checkpoint, save_checkpoint
 from sparse_rt.edge.session import EdgeSession, SessionSettings
 from sparse_rt.metrics import MetricsLog
 from sparse_rt.store.modelset import load_model_set
-from sparse_rt.stages.head import HeadStage
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.source import Batch
 from sparse_rt.transport.connection import Traffic, connect_dealer
@@ -43,13 +42,18 @@ class EdgeClient:
     prune`) loads one head per budget instead; :meth:`set_budget` switches
     between them without reconnecting. ``mode="train"`` also lets
     :meth:`train_step` train the head with the server's gradients.
+    ``stages`` are your own stages between the head and the compressor (an
+    early exit, say: stages/base.py); their parameters train and are
+    checkpointed with the head's. ``grad_codec`` asks for the gradients in
+    another codec than the activations.
     """
 
     def __init__(self, pipeline: str | Pipeline, address: str, *, mode: str = "infer", budget: int | None = None,
                  codec: str = "fp32", lz4: bool = False, resolution: int | None = None, seed: int = 0,
                  head_checkpoint: str | Path | None = None, model_set: str | Path | None = None,
                  lr: float | None = None, timeout: float = 30.0, retries: int = 2,
-                 metrics: Path | None = None) -> None:
+                 metrics: Path | None = None, stages: Sequence[Any] = (), grad_codec: str | None = None,
+                 offload: bool = True) -> None:
         self.pipeline = pipeline if isinstance(pipeline, Pipeline) else get_pipeline(pipeline)
         self.address = address
         self.mode = mode
@@ -68,12 +72,15 @@ class EdgeClient:
             if resolution is None:
                 resolution = int(meta.get("resolution", self.pipeline.resolution))
             self.edge_model, self.cut = edge_side(self.pipeline, seed, budget, resolution)
-        self.optimizer = build_optimizer(self.edge_model.parameters(), self.pipeline.optimizer,
-                                         lr or self.pipeline.lr, self.pipeline.weight_decay)
-        self.resumed = checkpoint.restore(self.edge_model, self.optimizer) if checkpoint is not None else {}
+        self._stages, self._codecs = tuple(stages), dict(codec=codec, lz4=lz4, grad_codec=grad_codec)
+        self._optimizer = lambda params: build_optimizer(params, self.pipeline.optimizer, lr or self.pipeline.lr,
+                                                         self.pipeline.weight_decay)
+        self.chain = edge_chain(self.edge_model, self._optimizer, stages=self._stages, **self._codecs)
+        self.optimizer = self.chain.optimizer.optimizer
+        self.resumed = checkpoint.restore(self.chain.module, self.optimizer) if checkpoint is not None else {}
         self.settings = SessionSettings(self.pipeline.name, self.cut.channels, self.edge_model.compressor.budget,
-                                        codec, lz4, mode, resolution)
-        self._timeout, self._retries, self._metrics_path = timeout, retries, metrics
+                                        codec, lz4, mode, resolution, grad_codec)
+        self._timeout, self._retries, self._metrics_path, self._offload = timeout, retries, metrics, offload
         self._context: zmq.asyncio.Context | None = None
         self.session: EdgeSession | None = None
 
@@ -96,8 +103,7 @@ class EdgeClient:
         """Open the socket and the session (handshake); a refusal raises RemoteError with the server's reason."""
         self._context = zmq.asyncio.Context()
         link = RequestLink(connect_dealer(self._context, self.address), self.address, self._timeout, self._retries)
-        self.session = EdgeSession(HeadStage(self.edge_model, self.optimizer), link, self.settings,
-                                   MetricsLog(self._metrics_path))
+        self.session = EdgeSession(self.chain, link, self.settings, MetricsLog(self._metrics_path), self._offload)
         try:
             await self.session.open()
         except BaseException:
@@ -116,8 +122,9 @@ class EdgeClient:
     def set_budget(self, budget: int) -> None:
         """Send ``budget`` channels from now on, with the model set's head for that budget."""
         self.edge_model = self._head_for(budget)
+        self.chain = edge_chain(self.edge_model, self._optimizer, stages=self._stages, **self._codecs)
         if self.session is not None:
-            self.session.head.model = self.edge_model
+            self.session.chain = self.chain
 
     async def infer(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output (logits) for ``x``: head here, tail on the server."""
@@ -141,7 +148,7 @@ class EdgeClient:
 
     def save(self, path: str | Path, **meta: Any) -> None:
         """Checkpoint the head, the compressor and the optimizer, with the settings needed to reload them."""
-        save_checkpoint(path, self.edge_model, self.optimizer, pipeline=self.pipeline.name, budget=self.budget,
+        save_checkpoint(path, self.chain.module, self.optimizer, pipeline=self.pipeline.name, budget=self.budget,
                         resolution=self.settings.resolution, **meta)
 
     async def close(self) -> None:

@@ -1,27 +1,33 @@
-"""The edge: head -> compressor -> codec -> link, and back.
+"""The edge's asyncio driver: runs its chain (head -> ... -> compressor -> codec) and the transport, and back.
 
-Torch and codec work run in one worker thread (the edge's model is used by
-one step at a time); the event loop only moves frames.
+The protocol state (session id, step numbers, the handshake) is in
+protocol.py; the stages are in the chain; this layer only decides where
+each piece runs and moves frames. The edge's torch work runs one step at a
+time, in one worker thread or on the loop itself (``offload``).
 """
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
-from sparse_rt.errors import RemoteError, WireError
+from sparse_rt.edge.protocol import EdgeProtocol, SessionSettings
 from sparse_rt.metrics import MetricsLog, StageTimer
-from sparse_rt.stages.head import HeadStage, Sent
+from sparse_rt.stages.base import StepContext
+from sparse_rt.stages.chain import EdgeChain
+from sparse_rt.stages.codec import decode_reply
 from sparse_rt.stages.source import Batch, batches
+from sparse_rt.stages.transport import TransportStage
 from sparse_rt.transport.connection import frame_bytes
 from sparse_rt.transport.link import RequestLink
-from sparse_rt.wire.messages import (Activations, ErrorReply, Gradients, Hello, Message, Predictions, Welcome,
-                                     decode_message, encode_message)
+from sparse_rt.wire.messages import Welcome, encode_message
+
+__all__ = ["EdgeSession", "SessionSettings"]
 
 T = TypeVar("T")
 
@@ -29,81 +35,53 @@ T = TypeVar("T")
 INLINE_DECODE_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True)
-class SessionSettings:
-    """What the edge proposes in its handshake."""
-
-    pipeline: str
-    channels: int
-    budget: int
-    codec: str = "fp32"
-    lz4: bool = False
-    mode: str = "train"
-    resolution: int = 0
-
-
 class EdgeSession:
-    """One edge's session with the server: training steps and inference requests.
+    """One edge's session with the server: runs its chain for training steps and inference requests.
 
     With a :class:`MetricsLog`, every message is recorded with its bytes and
     the milliseconds spent in each stage (head, encode, wait, decode, backward).
+    ``offload`` runs the chain's torch work in one worker thread instead of on
+    the event loop (docs/ARCHITECTURE.md says when each pays).
     """
 
-    def __init__(self, head: HeadStage, link: RequestLink, settings: SessionSettings,
-                 metrics: MetricsLog | None = None) -> None:
-        self.head = head
+    def __init__(self, chain: EdgeChain, link: RequestLink, settings: SessionSettings,
+                 metrics: MetricsLog | None = None, offload: bool = True) -> None:
+        self.chain = chain
         self.link = link
-        self.settings = settings
+        self.transport = chain.transport or TransportStage(link)
+        self.protocol = EdgeProtocol(settings)
         self.metrics = metrics or MetricsLog(None)
-        self.session_id: str | None = None
-        self.steps = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head") if offload else None
 
-    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+    @property
+    def settings(self) -> SessionSettings:
+        return self.protocol.settings
+
+    @property
+    def session_id(self) -> str | None:
+        return self.protocol.session_id
+
+    @property
+    def steps(self) -> int:
+        return self.protocol.steps
+
+    async def _local(self, fn: Callable[..., T], *args: Any) -> T:
+        """Torch work: in the worker thread when offloading, else right here on the loop."""
+        if self._executor is None:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    @staticmethod
-    def _decode(header: dict[str, Any], frames: list[Any], expected: type, timer: StageTimer) -> Message:
-        with timer.stage("decode"):
-            reply = decode_message(frames, header)
-        if isinstance(reply, ErrorReply):
-            raise RemoteError(reply.code, reply.message)
-        if not isinstance(reply, expected):
-            raise WireError(f"expected a {expected.__name__} reply, got {type(reply).__name__}", "bad_kind")
-        return reply
-
-    async def _exchange(self, request_id: int, frames: list[Any], expected: type,
-                        timer: StageTimer) -> tuple[Message, int]:
-        """Send, wait, decode; returns the reply and its size in bytes.
-
-        A small reply (predictions, a welcome) is decoded right here: a trip
-        to the worker thread and back costs more than the decode.
-        """
-        with timer.stage("wait"):
-            header, raw = await self.link.request(request_id, frames)
-        size = frame_bytes(raw)
-        if size <= INLINE_DECODE_BYTES:
-            return self._decode(header, raw, expected, timer), size
-        return await self._off_loop(self._decode, header, raw, expected, timer), size
 
     async def open(self) -> str:
         """Handshake: the server checks pipeline, channels, budget, resolution and codec, or refuses with a reason."""
-        s = self.settings
         request_id = self.link.next_id()
-        hello = Hello(request_id, s.pipeline, s.channels, s.budget, s.codec, s.lz4, s.mode, s.resolution)
-        frames, timer = encode_message(hello), StageTimer()
-        welcome, bytes_down = await self._exchange(request_id, frames, Welcome, timer)
-        self.metrics.record(timer, kind="hello", id=request_id, bytes_up=frame_bytes(frames), bytes_down=bytes_down)
-        self.session_id = welcome.session
-        return welcome.session
-
-    def _encode(self, request_id: int, values: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor | None,
-                timer: StageTimer) -> list[Any]:
-        assert self.session_id is not None, "open() the session first"
-        with timer.stage("encode"):
-            return encode_message(Activations(request_id, self.session_id, self.settings.codec, self.settings.lz4,
-                                              self.settings.channels, indices, values.detach(), labels, self.steps,
-                                              self.head.lr_scale.scale if labels is not None else 1.0))
+        frames, timer = encode_message(self.protocol.hello(request_id)), StageTimer()
+        with timer.stage("wait"):
+            header, raw = await self.link.request(request_id, frames)
+        with timer.stage("decode"):
+            welcome = decode_reply(header, raw, Welcome)
+        self.metrics.record(timer, kind="hello", id=request_id, bytes_up=frame_bytes(frames),
+                            bytes_down=frame_bytes(raw))
+        return self.protocol.opened(welcome)
 
     def set_lr_scale(self, scale: float) -> None:
         """Train head and tail at ``scale`` times their base learning rates from the next step on.
@@ -111,58 +89,45 @@ class EdgeSession:
         The head is scaled here; the scale travels with every training step
         (``lr_scale``), so the server's tail follows.
         """
-        self.head.lr_scale.set(scale)
+        self.chain.optimizer.lr_scale.set(scale)
 
-    def _forward_train(self, request_id: int, x: torch.Tensor, y: torch.Tensor,
-                       timer: StageTimer) -> tuple[Sent, list[Any]]:
-        with timer.stage("head"):
-            sent = self.head.forward_train(x)
-        return sent, self._encode(request_id, sent.values, sent.indices, y, timer)
+    def on_epoch(self, plan: Any, steps_per_epoch: int) -> None:
+        """A schedule's epoch reaches every stage it drives (budget, exploration, learning rate) through one call."""
+        for stage in self.chain.scheduled():
+            stage.on_epoch(plan, steps_per_epoch)
 
-    def _backward(self, header: dict[str, Any], raw: list[Any], sent: Sent, timer: StageTimer) -> Gradients:
-        """Decode the gradient and run the head's backward: one trip to the worker thread for both."""
-        reply = self._decode(header, raw, Gradients, timer)
-        if not torch.equal(reply.indices, sent.indices) or reply.values.shape != sent.values.shape:
-            raise WireError("the gradient reply does not match the channels sent", "bad_reply")
-        with timer.stage("backward"):
-            self.head.backward(sent, reply.values)
-        return reply
+    async def _run(self, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor | None, int, int]:
+        """The chain for one request: (its result, bytes up, bytes down)."""
+        frames = await self._local(self.chain.forward, x, ctx)
+        if frames is None:  # the edge's own stages answered every row
+            return ctx.merge(None), 0, 0
+        with ctx.timer.stage("wait"):
+            reply = await self.transport.forward(frames, ctx)
+        up, down = frame_bytes(frames), frame_bytes(reply[1])
+        if not ctx.training and down <= INLINE_DECODE_BYTES:  # a trip to the worker costs more than this decode
+            return self.chain.backward(reply, ctx), up, down
+        return await self._local(self.chain.backward, reply, ctx), up, down
 
     async def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One split-learning step; returns the server's task loss for the batch."""
-        timer, request_id = StageTimer(), self.link.next_id()
-        sent, frames = await self._off_loop(self._forward_train, request_id, x, y, timer)
-        with timer.stage("wait"):
-            header, raw = await self.link.request(request_id, frames)
-        reply = await self._off_loop(self._backward, header, raw, sent, timer)
-        self.metrics.record(timer, kind="train", id=request_id, step=self.steps, samples=len(y), loss=reply.loss,
-                            bytes_up=frame_bytes(frames), bytes_down=frame_bytes(raw))
-        self.steps += 1
-        return reply.loss
-
-    def _forward_infer(self, request_id: int, x: torch.Tensor, timer: StageTimer) -> list[Any]:
-        with timer.stage("head"):
-            values, indices = self.head.forward_infer(x)
-        return self._encode(request_id, values, indices, None, timer)
+        request_id = self.link.next_id()
+        ctx = self.protocol.context("train", request_id, y, self.chain.optimizer.lr_scale.scale)
+        _, bytes_up, bytes_down = await self._run(x, ctx)
+        loss = ctx.meta.get("loss", math.nan)
+        self.metrics.record(ctx.timer, kind="train", id=request_id, step=ctx.step, samples=len(y), loss=loss,
+                            bytes_up=bytes_up, bytes_down=bytes_down)
+        if bytes_up:  # the server applied it (rows all answered on the edge never left it)
+            self.protocol.applied()
+        return loss
 
     async def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for the batch, computed by the server's tail."""
-        timer, request_id = StageTimer(), self.link.next_id()
-        frames = await self._off_loop(self._forward_infer, request_id, x, timer)
-        reply, bytes_down = await self._exchange(request_id, frames, Predictions, timer)
-        self.metrics.record(timer, kind="infer", id=request_id, samples=len(x), bytes_up=frame_bytes(frames),
+        """Logits for the batch: the server's tail's, or an edge stage's for rows it answered itself."""
+        request_id = self.link.next_id()
+        ctx = self.protocol.context("infer", request_id)
+        logits, bytes_up, bytes_down = await self._run(x, ctx)
+        self.metrics.record(ctx.timer, kind="infer", id=request_id, samples=len(x), bytes_up=bytes_up,
                             bytes_down=bytes_down)
-        return reply.logits
-
-    async def train_epoch(self, loader: Iterable[Batch], on_batch: Callable[[int, float], None] | None = None) -> float:
-        """Train on every batch of ``loader``; returns the mean loss per sample."""
-        total, count = 0.0, 0
-        async for x, y in batches(loader):
-            loss = await self.train_step(x, y)
-            total, count = total + loss * len(y), count + len(y)
-            if on_batch is not None:
-                on_batch(len(y), loss)
-        return total / max(count, 1)
+        return logits
 
     async def infer_many(self, inputs: Iterable[torch.Tensor] | AsyncIterable[torch.Tensor],
                          inflight: int = 4) -> AsyncIterator[torch.Tensor]:
@@ -201,7 +166,8 @@ class EdgeSession:
         return right / max(count, 1)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
 
 async def _async_iter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:

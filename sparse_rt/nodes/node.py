@@ -20,7 +20,7 @@ import zmq.asyncio
 
 from sparse_rt.config import NodeConfig, shard_index
 from sparse_rt.pipeline import get_pipeline
-from sparse_rt.assembly import largest_frame, server_side
+from sparse_rt.assembly import largest_frame, server_chain, server_side
 from sparse_rt.store.checkpoint import read_checkpoint, save_checkpoint
 from sparse_rt.edge.client import EdgeClient
 from sparse_rt.train.local import load_data
@@ -31,7 +31,6 @@ from sparse_rt.train.summary import RunSummary, summarize
 from sparse_rt.train.loop import TrainingResult, train
 from sparse_rt.train.schedules import deprune, fixed, parse_phases
 from sparse_rt.stages.optimizer import build_optimizer
-from sparse_rt.stages.tail import TailStage
 from sparse_rt.transport.connection import bind_router
 from sparse_rt.wire.header import MAX_HEADER_BYTES
 
@@ -61,8 +60,7 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     model_set = None
     if config.models is not None:
         tails, cut, resolution = load_model_set(config.models, pipeline, "tail")
-        model_set = {budget: TailStage(tail, build_optimizer(tail.parameters(), "sgd", 1e-3))
-                     for budget, tail in tails.items()}
+        model_set = {budget: server_chain(tail, None) for budget, tail in tails.items()}
         log.info("loaded the model set %s: budgets %s", config.models, ", ".join(map(str, sorted(tails))))
         model = tails[max(tails)]
     else:
@@ -87,7 +85,7 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     connection = bind_router(context, config.bind, max(largest_frame(cut, config.max_batch), MAX_HEADER_BYTES))
     endpoint = connection.socket.getsockopt_string(zmq.LAST_ENDPOINT)
     metrics = MetricsLog(config.metrics)
-    server = SplitServer(pipeline.name, TailStage(model, optimizer), cut, pipeline.num_classes, connection,
+    server = SplitServer(pipeline.name, server_chain(model, optimizer), cut, pipeline.num_classes, connection,
                          metrics=metrics, after_step=after_step, model_set=model_set)
     stop = stop_on_signals()
     log.info("serving %s on %s: cut after '%s', %d channels of %dx%d (sent at %dx%d)", pipeline.name, endpoint,

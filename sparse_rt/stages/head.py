@@ -1,47 +1,26 @@
-"""Head stage (edge): head + compressor forward, and backward from the server's gradient."""
+"""Head stage (edge): the model's layers up to the cut.
+
+Any ``nn.Module`` is a head; a chain calls a plain module as ``module(x)``,
+so the head cut out of a model by :func:`~sparse_rt.model.split.split_model`
+goes into a chain as it is. :class:`HeadStage` names it for metrics and
+checkpoints when a wrapper is wanted.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from torch import nn
 
-from sparse_rt.model.sides import EdgeModel
-from sparse_rt.stages.optimizer import LearningRateScale
-
-
-@dataclass
-class Sent:
-    """What one training forward produced: the channels to send, kept with their graph."""
-
-    values: torch.Tensor  # (N, B, h, w), part of the autograd graph
-    indices: torch.Tensor  # (B,)
-    prune_loss: torch.Tensor
+from sparse_rt.stages.base import Stage, StepContext
 
 
-class HeadStage:
-    """Runs the edge's model; synchronous, meant to be called off the event loop."""
+class HeadStage(Stage, nn.Module):
+    """The head as a stage: its forward is the module's; autograd carries the gradient back through it."""
 
-    def __init__(self, model: EdgeModel, optimizer: torch.optim.Optimizer) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.lr_scale = LearningRateScale(optimizer)
+    name = "head"
 
-    def forward_train(self, x: torch.Tensor) -> Sent:
-        self.model.train()
-        values, indices = self.model(x)
-        return Sent(values, indices, self.model.compressor.prune_loss())
+    def __init__(self, module: nn.Module) -> None:
+        nn.Module.__init__(self)
+        self.module = module
 
-    def backward(self, sent: Sent, grad: torch.Tensor) -> None:
-        """Backpropagate the server's gradient of the sent channels plus the edge's own prune loss.
-
-        The prune loss depends only on the filter, which the edge owns, so its
-        gradient never has to cross the network.
-        """
-        self.optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward([sent.values, sent.prune_loss], [grad.to(sent.values.dtype), None])
-        self.optimizer.step()
-
-    def forward_infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.model.eval()
-        with torch.inference_mode():
-            return self.model(x)
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return self.module(x)

@@ -1,11 +1,19 @@
-"""Each side steps only the parameters it owns: the edge its head and filter, the server its tail."""
+"""Optimizer stage: each side steps only the parameters it owns (the edge its head and filter, the server its tail).
+
+On the server it ends the chain: in training it takes the loss, runs the
+backward and steps; in inference it passes the logits on. On the edge the
+chain calls :meth:`OptimizerStage.step` once the server's gradient has been
+backpropagated. Either way the step's learning-rate factor (a schedule's
+boost, sent with every training step) is applied first.
+"""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
 from sparse_rt.errors import ConfigError
+from sparse_rt.stages.base import Stage, StepContext
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -37,3 +45,34 @@ class LearningRateScale:
         for group, base_lr in zip(self.optimizer.param_groups, self.base):
             group["lr"] = base_lr * scale
         self.scale = scale
+
+
+class OptimizerStage(Stage):
+    """A torch optimizer as a stage, at the learning-rate factor each step asks for."""
+
+    name = "optimizer"
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.lr_scale = LearningRateScale(optimizer)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, ctx: StepContext) -> None:
+        self.lr_scale.set(ctx.lr_scale)
+        self.optimizer.step()
+
+    def forward(self, x: Any, ctx: StepContext) -> Any:
+        """Server: backward from the loss and step; the loss's value goes into ``ctx.meta['loss']``."""
+        if not ctx.training:
+            return x
+        self.zero_grad()
+        x.backward()
+        self.step(ctx)
+        ctx.meta["loss"] = float(x.detach())
+        return x
+
+    def on_epoch(self, plan: Any, steps_per_epoch: int) -> None:
+        """A schedule's epoch: its learning-rate factor, for this side and (sent with each step) the other."""
+        self.lr_scale.set(plan.lr_factor)

@@ -1,45 +1,34 @@
-"""Tail stage (server): decompressor + tail, the loss, and the gradient of what was sent."""
+"""Tail stage (server): the model's layers after the cut, and in training the loss.
+
+The tail itself is any ``nn.Module``; this stage adds the loss, so the
+optimizer stage after it gets a scalar to step on in training and the
+logits pass through untouched in inference.
+"""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
-from sparse_rt.model.sides import ServerModel
-from sparse_rt.stages.optimizer import LearningRateScale
+from sparse_rt.stages.base import Stage, StepContext
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class TailStage:
-    """Runs the server's model; synchronous, meant to be called off the event loop."""
+class TailStage(Stage):
+    """The tail's output; with labels (training), the batch's loss instead."""
 
-    def __init__(self, model: ServerModel, optimizer: torch.optim.Optimizer,
-                 loss_fn: LossFn = F.cross_entropy) -> None:
-        self.model = model
-        self.optimizer = optimizer
+    name = "tail"
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn = F.cross_entropy) -> None:
+        self.module = module
         self.loss_fn = loss_fn
-        self.lr_scale = LearningRateScale(optimizer)
 
-    def train_step(self, values: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor,
-                   lr_scale: float = 1.0) -> tuple[torch.Tensor, float]:
-        """One optimiser step on the tail at ``lr_scale`` times its base learning rate.
-
-        The scale comes with each step from the edge that runs the schedule (e.g.
-        deprune's boost after a budget raise), so a server needs no schedule of its own.
-        Returns (d loss / d values, loss).
-        """
-        self.lr_scale.set(lr_scale)
-        self.model.train()
-        values = values.detach().requires_grad_(True)
-        loss = self.loss_fn(self.model(values, indices), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return values.grad, float(loss.detach())
-
-    def infer(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        self.model.eval()
-        with torch.inference_mode():
-            return self.model(values, indices)
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        outputs = self.module(x)
+        if ctx.training:
+            assert ctx.labels is not None, "a training step carries labels"
+            return self.loss_fn(outputs, ctx.labels)
+        return outputs

@@ -1,9 +1,10 @@
 """The one training loop, for `sparse-rt run`, `sparse-rt train` and edge nodes alike.
 
-It follows a schedule (sparse_rt/train/schedules.py), one plan per epoch: it sets
-the compressor's budget (resetting filter entries as the plan says), the
-learning-rate factor and the exploration, which anneals over the first
-quarter of every phase below full budget. It runs every batch through the split
+It follows a schedule (sparse_rt/train/schedules.py), one plan per epoch,
+handed to every stage that owns a part of it through one call
+(``on_epoch``): the compressor sets its budget, resets filter entries as
+the plan says and anneals its exploration over the first quarter of every
+phase below full budget; the optimizer takes the learning-rate factor. It runs every batch through the split
 session, shows a progress bar with rate and ETA, calls ``on_epoch_end``
 (evaluation, CSV rows, model sets) and stops cleanly between steps when asked.
 """
@@ -16,7 +17,6 @@ from typing import Callable, Iterable
 
 from tqdm import tqdm
 
-from sparse_rt.model.compression import annealed_exploration
 from sparse_rt.edge.session import EdgeSession
 from sparse_rt.train.schedules import EpochPlan
 from sparse_rt.stages.source import Batch, batches
@@ -39,17 +39,13 @@ async def train(session: EdgeSession, loader: Iterable[Batch], plan: list[EpochP
 
     ``on_epoch_end(plan, loss)`` may be a coroutine function (e.g. to evaluate over the network).
     """
-    compressor = session.head.model.compressor
+    steps_per_epoch = len(loader)  # type: ignore[arg-type]
     result = TrainingResult(float("nan"), first_epoch, False)
     remaining = plan[first_epoch:]
     with tqdm(total=len(remaining) * samples_per_epoch, unit="sample", desc=desc, leave=False,
               disable=not progress or None) as bar:
         for epoch in remaining:
-            if epoch.budget != compressor.budget or epoch.reset != "none":
-                compressor.change_budget(epoch.budget, epoch.reset)
-            explore = epoch.explore and epoch.budget < compressor.channels
-            compressor.exploration = annealed_exploration(epoch.phase_epoch / epoch.phase_epochs) if explore else 0.0
-            session.set_lr_scale(epoch.lr_factor)
+            session.on_epoch(epoch, steps_per_epoch)  # budget, filter reset, exploration, learning rate
             total, count = 0.0, 0
             async for x, y in batches(loader):
                 if stop is not None and stop.is_set():

@@ -51,7 +51,11 @@ from sparse_rt.errors import WireError
 Buffer = bytes | bytearray | memoryview
 
 CODEC_NAMES: tuple[str, ...] = ("fp32", "fp16", "int8")
-"""Wire names of the codecs, in the order the registry must hold them (checked at import)."""
+"""Wire names of the built-in codecs, in the order the registry must first hold them (checked at import).
+
+A codec of one's own joins them with :func:`register_codec`; :func:`codec_names`
+lists every registered one, and that registry is what a receiver checks.
+"""
 
 FP16_MAX = torch.finfo(torch.float16).max  # 65504.0
 INT8_QMAX = torch.iinfo(torch.int8).max  # 127; -128 unused so the range is symmetric
@@ -148,7 +152,7 @@ def _can_view(data: memoryview) -> bool:
 class Codec(ABC):
     """Packs a float32 tensor into bytes and back; ``decode`` trusts nothing in the bytes."""
 
-    name: ClassVar[str]  # wire name, one of CODEC_NAMES
+    name: ClassVar[str]  # wire name, unique in the registry (see codec_names)
     lz4: ClassVar[bool] = False  # whether the bytes are an lz4 frame around ``name``'s layout
 
     @abstractmethod
@@ -284,7 +288,8 @@ class Lz4(Codec):
 
     def __init__(self, inner: RawCodec) -> None:
         if not isinstance(inner, RawCodec):
-            raise ValueError(f"lz4 wraps a fixed-size codec ({', '.join(CODEC_NAMES)}), got {inner!r}")
+            raise ValueError(f"lz4 wraps a fixed-size codec (a RawCodec such as {', '.join(CODEC_NAMES)}), "
+                             f"got {inner!r}")
         self.inner = inner
 
     @property
@@ -325,13 +330,18 @@ class Lz4(Codec):
         return self.inner.decode(raw, shape)
 
 
+def codec_names() -> tuple[str, ...]:
+    """Every registered codec's wire name: the built-ins first, then the ones registered since."""
+    return tuple(_REGISTRY)
+
+
 def get_codec(name: str, lz4: bool = False) -> Codec:
-    """The codec for wire name ``name`` (see CODEC_NAMES), wrapped in :class:`Lz4` if ``lz4``."""
+    """The codec for wire name ``name`` (see :func:`codec_names`), wrapped in :class:`Lz4` if ``lz4``."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown codec {name!r}; known codecs: {', '.join(_REGISTRY)}")
     codec = _REGISTRY[name]()
     return Lz4(codec) if lz4 else codec
 
 
-if tuple(_REGISTRY) != CODEC_NAMES:  # the wire enum and the registry must agree
+if tuple(_REGISTRY) != CODEC_NAMES:  # the built-in wire names and the registry must agree
     raise ImportError(f"codec registry {tuple(_REGISTRY)} does not match CODEC_NAMES {CODEC_NAMES}")

@@ -73,6 +73,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
 # Fields a message may leave out; absent means the default given in docs/PROTOCOL.md.
 OPTIONAL: dict[str, dict[str, Check]] = {
     "train": {"lr_scale": _is_lr_scale},  # the tail's learning-rate multiplier for this step (default 1)
+    # the gradients' encoding when it differs from the activations' (default: codec and lz4)
+    "hello": {"grad_codec": _str(16), "grad_lz4": _is_bool},
 }
 
 

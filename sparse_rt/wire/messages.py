@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sparse_rt.errors import WireError
-from sparse_rt.wire.codecs import CODEC_NAMES, get_codec
+from sparse_rt.wire.codecs import codec_names, get_codec
 from sparse_rt.wire.header import decode_header, encode_header
 
 # Largest decoded tensor a message may describe. It bounds what a lossless
@@ -40,6 +40,8 @@ class Hello:
     lz4: bool
     mode: str  # "train" or "infer"
     resolution: int = 0  # resolution compression r at the cut; both sides must use the same
+    grad_codec: str | None = None  # the gradients' codec, when not ``codec`` (sent only then)
+    grad_lz4: bool | None = None  # lz4 on the gradients, when not ``lz4`` (sent only then)
 
 
 @dataclass
@@ -141,7 +143,7 @@ def encode_message(msg: Message) -> list[Any]:
         header = encode_header({"kind": "pred", "id": msg.id, "session": msg.session, "shape": list(msg.logits.shape)})
         return [header, msg.logits.detach().numpy().astype(LOGITS_DTYPE)]
     kind = {Hello: "hello", Welcome: "welcome", ErrorReply: "error"}[type(msg)]
-    return [encode_header({"kind": kind, **vars(msg)})]
+    return [encode_header({"kind": kind, **{k: v for k, v in vars(msg).items() if v is not None}})]
 
 
 def _array(frame: Any, dtype: np.dtype, count: int, what: str) -> np.ndarray:
@@ -174,8 +176,8 @@ def _check_size(shape: list[int]) -> None:
 
 def _values(fields: dict[str, Any], frame: Any) -> torch.Tensor:
     shape = tuple(fields["shape"])
-    if fields["codec"] not in CODEC_NAMES:
-        raise WireError(f"unknown codec {fields['codec']!r}; expected one of {', '.join(CODEC_NAMES)}", "bad_codec")
+    if fields["codec"] not in codec_names():
+        raise WireError(f"unknown codec {fields['codec']!r}; expected one of {', '.join(codec_names())}", "bad_codec")
     return get_codec(fields["codec"], fields["lz4"]).decode(frame, shape)
 
 
@@ -206,7 +208,7 @@ def _decode_body(fields: dict[str, Any], frames: Sequence[Any]) -> Message:
         return Predictions(rid, fields["session"], torch.from_numpy(logits))
     if kind == "hello":
         return Hello(rid, fields["pipeline"], fields["channels"], fields["budget"], fields["codec"], fields["lz4"],
-                     fields["mode"], fields["resolution"])
+                     fields["mode"], fields["resolution"], fields.get("grad_codec"), fields.get("grad_lz4"))
     if kind == "welcome":
         return Welcome(rid, fields["session"])
     return ErrorReply(rid, fields["code"], fields["message"])

@@ -1,0 +1,62 @@
+"""An edge's protocol state, with no sockets in it: what it proposed, its session, its step count.
+
+The asyncio driver (session.py) asks it for the handshake and for each
+step's context, and tells it when a step was applied; pyzmq keeps its core
+(zmq/_future.py) apart from its asyncio layer the same way, so this part is
+tested without a loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparse_rt.stages.base import Kind, StepContext
+from sparse_rt.wire.messages import Hello, Welcome
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What the edge proposes in its handshake."""
+
+    pipeline: str
+    channels: int
+    budget: int
+    codec: str = "fp32"
+    lz4: bool = False
+    mode: str = "train"
+    resolution: int = 0
+    grad_codec: str | None = None  # the gradients' codec, if not the activations'
+    grad_lz4: bool | None = None
+
+
+class EdgeProtocol:
+    """The edge's side of one session: the hello it sends, the session id it got, the steps applied."""
+
+    def __init__(self, settings: SessionSettings) -> None:
+        self.settings = settings
+        self.session_id: str | None = None
+        self.steps = 0  # training steps applied by the server; the next step's number
+
+    def hello(self, request_id: int) -> Hello:
+        s = self.settings
+        grad_lz4 = s.grad_lz4 if s.grad_lz4 is not None else (s.lz4 if s.grad_codec is not None else None)
+        return Hello(request_id, s.pipeline, s.channels, s.budget, s.codec, s.lz4, s.mode, s.resolution,
+                     s.grad_codec, grad_lz4)
+
+    def opened(self, welcome: Welcome) -> str:
+        self.session_id = welcome.session
+        return welcome.session
+
+    def context(self, kind: Kind, request_id: int, labels: torch.Tensor | None = None,
+                lr_scale: float = 1.0) -> StepContext:
+        """A fresh context for one request; a training step carries the next step number."""
+        if self.session_id is None:
+            raise RuntimeError("open the session (the handshake) before sending steps")
+        ctx = StepContext(kind, labels, self.steps if kind == "train" else 0, self.session_id, lr_scale)
+        ctx.meta["request_id"] = request_id
+        return ctx
+
+    def applied(self) -> None:
+        """The server answered the step with its gradient: the next step gets the next number."""
+        self.steps += 1

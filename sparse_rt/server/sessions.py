@@ -1,0 +1,150 @@
+"""The server's protocol state, with no sockets in it: sessions, their checks and the exactly-once rule.
+
+Every check a message must pass before it reaches the tail lives here: the
+handshake against the server's cut, each message against its session
+(owner, mode, codec, budget, shape, labels) and the step rule (a resent
+last step is answered again from the stored reply, an older one refused).
+The asyncio driver (server.py) only moves frames to and from it.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparse_rt.errors import WireError
+from sparse_rt.model.sides import CutShape
+from sparse_rt.wire.codecs import codec_names
+from sparse_rt.wire.messages import Activations, Hello
+
+log = logging.getLogger("sparse_rt.server")
+
+
+@dataclass
+class Session:
+    """One edge's settings, fixed at the handshake."""
+
+    id: str
+    route: bytes
+    mode: str
+    budget: int
+    codec: str
+    lz4: bool
+    grad_codec: str = ""  # the gradients' encoding (the handshake's grad_codec, else codec)
+    grad_lz4: bool = False
+    last_step: int = -1
+    last_reply: Any = None  # the Gradients of last_step, answered again if that step is resent
+
+
+@dataclass
+class ServerStats:
+    steps_applied: int = 0
+    inferences: int = 0
+    errors: int = 0
+    sessions_opened: int = 0
+    steps_per_session: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServedCut:
+    """What this server serves: the pipeline, its cut, and which budgets (all, or a model set's)."""
+
+    pipeline: str
+    cut: CutShape
+    num_classes: int
+    resolution: int
+    budgets: frozenset[int] | None = None  # a model set's budgets (inference only); None = any up to C
+
+    def held(self) -> str:
+        return ", ".join(str(budget) for budget in sorted(self.budgets or ()))
+
+
+class SessionTable:
+    """Opens sessions and checks every message against its session and the step rule."""
+
+    def __init__(self, served: ServedCut) -> None:
+        self.served = served
+        self.sessions: dict[str, Session] = {}
+        self.stats = ServerStats()
+
+    def open(self, route: bytes, hello: Hello) -> Session:
+        """A new session for an acceptable hello, or WireError('handshake_refused') saying why not."""
+        problem = self._check_hello(hello)
+        if problem:
+            raise WireError(problem, "handshake_refused", hello.id)
+        grad_codec = hello.codec if hello.grad_codec is None else hello.grad_codec
+        grad_lz4 = hello.lz4 if hello.grad_lz4 is None else hello.grad_lz4
+        session = Session(secrets.token_hex(8), route, hello.mode, hello.budget, hello.codec, hello.lz4, grad_codec,
+                          grad_lz4)
+        self.sessions[session.id] = session
+        self.stats.sessions_opened += 1
+        log.info("session %s opened: %s, budget %d/%d, codec %s%s", session.id, hello.mode, hello.budget,
+                 self.served.cut.channels, hello.codec, "+lz4" if hello.lz4 else "")
+        return session
+
+    def _check_hello(self, hello: Hello) -> str | None:
+        served, cut = self.served, self.served.cut
+        if hello.pipeline != served.pipeline:
+            return f"this server runs pipeline '{served.pipeline}', not '{hello.pipeline}'"
+        if hello.channels != cut.channels:
+            return f"the cut has {cut.channels} channels here, the edge says {hello.channels}"
+        if not 1 <= hello.budget <= cut.channels:
+            return f"budget must be between 1 and {cut.channels} channels, got {hello.budget}"
+        if served.budgets is not None:
+            if hello.mode != "infer":
+                return "this server serves a model set: inference only"
+            if hello.budget not in served.budgets:
+                return f"budget {hello.budget} is not in this model set; it holds {served.held()}"
+        if hello.resolution != served.resolution:
+            return (f"this server restores resolution r={served.resolution}, the edge compresses with "
+                    f"r={hello.resolution}")
+        for codec in (hello.codec, hello.grad_codec):
+            if codec is not None and codec not in codec_names():
+                return f"unknown codec '{codec}'; this server knows {', '.join(codec_names())}"
+        return None
+
+    def session_for(self, route: bytes, message: Activations) -> Session:
+        """The message's session, checked against it (owner, mode, codec, budget, shape, labels)."""
+        session = self.sessions.get(message.session)
+        if session is None or session.route != route:
+            raise WireError(f"unknown session '{message.session}'; open one with a hello first", "unknown_session")
+        self._check(session, message)
+        return session
+
+    def _check(self, session: Session, message: Activations) -> None:
+        served, cut = self.served, self.served.cut
+        n, budget, height, width = message.values.shape
+        if message.kind == "train" and session.mode != "train":
+            raise WireError(f"session {session.id} was opened for inference only, got a training step",
+                            "wrong_mode")
+        if (message.codec, message.lz4) != (session.codec, session.lz4):
+            raise WireError(f"session uses codec {session.codec} (lz4 {session.lz4}), message has "
+                            f"{message.codec} (lz4 {message.lz4})", "bad_codec")
+        if served.budgets is not None and budget not in served.budgets:
+            raise WireError(f"budget {budget} is not in this model set; it holds {served.held()}", "bad_budget")
+        if message.channels != cut.channels or (served.budgets is None and budget > session.budget):
+            raise WireError(f"expected at most {session.budget} of {cut.channels} channels, got {budget} of "
+                            f"{message.channels}", "bad_budget")
+        if (height, width) != (cut.sent_height, cut.sent_width) or n == 0:
+            raise WireError(f"expected channels of {cut.sent_height}x{cut.sent_width} for a non-empty "
+                            f"batch, got shape {list(message.values.shape)}", "bad_shape")
+        if message.labels is not None and message.labels.numel() and int(message.labels.max()) >= served.num_classes:
+            raise WireError(f"labels must be below {served.num_classes}, got {int(message.labels.max())}",
+                            "bad_labels")
+
+    def replay(self, session: Session, message: Activations) -> Any:
+        """The stored reply if this training step was applied already (a resend), else None; older steps refused."""
+        if message.step == session.last_step and session.last_reply is not None:
+            log.info("session %s resent step %d: answering again, not applying twice", session.id, message.step)
+            session.last_reply.id = message.id
+            return session.last_reply
+        if message.step < session.last_step:
+            raise WireError(f"step {message.step} is older than the last applied step {session.last_step}",
+                            "stale_step")
+        return None
+
+    def applied(self, session: Session, step: int, reply: Any) -> None:
+        session.last_step, session.last_reply = step, reply
+        self.stats.steps_applied += 1
+        self.stats.steps_per_session[session.id] = self.stats.steps_per_session.get(session.id, 0) + 1
