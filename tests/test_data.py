@@ -9,8 +9,10 @@ import torch
 
 from sparse_rt.data.datasets import (
     CIFAR10_NORMALISATION,
+    CropFlipDataset,
     Normalisation,
     TensorSplit,
+    crop_flip,
     load_cifar10_subset,
     load_digits,
     load_npz,
@@ -287,3 +289,106 @@ def test_loaders_order_follows_seed() -> None:
     train, test = split.loaders(batch_size=16, seed=5)
     assert [len(b) for b, _ in train] == [16, 16, 8]
     assert torch.cat([b for b, _ in test]).flatten().tolist() == list(range(7))
+
+
+# --- augmentation --------------------------------------------------------------------------------
+
+def _indexed_split(n_train: int = 48, n_test: int = 16, size: int = 8) -> TensorSplit:
+    """Random images whose label is their index, so a shuffled batch says which samples it holds."""
+    x = torch.randn(n_train + n_test, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return TensorSplit(x[:n_train], torch.arange(n_train), x[n_train:], torch.arange(n_test))
+
+
+def _epoch_by_index(loader) -> torch.Tensor:
+    xs, ys = zip(*loader)
+    x, y = torch.cat(xs), torch.cat(ys)
+    return x[y.argsort()]
+
+
+def test_flip_mirrors_left_right_and_the_centre_crop_is_the_image() -> None:
+    image = torch.arange(2 * 3 * 5, dtype=torch.float32).view(2, 3, 5)
+    flipped = crop_flip(image, 4, 4, True, 4)
+    for j in range(5):
+        assert torch.equal(flipped[:, :, j], image[:, :, 4 - j])
+    assert torch.equal(crop_flip(image, 4, 4, False, 4), image)
+
+
+def test_crop_shifts_the_image_and_pads_with_zeros() -> None:
+    image = torch.randn(3, 8, 8) + 10.0  # nothing in it is zero
+    corner = crop_flip(image, 0, 0, False, 4)  # the window's top-left lies in the padding
+    assert corner.shape == image.shape
+    assert (corner[:, :4] == 0).all() and (corner[:, :, :4] == 0).all()
+    assert torch.equal(corner[:, 4:, 4:], image[:, :4, :4])
+    with pytest.raises(ValueError, match=r"crop offsets must lie in \[0, 8\] for padding 4, got top 9"):
+        crop_flip(image, 9, 0, False, 4)
+
+
+def test_augmented_sample_is_one_crop_and_flip_of_its_image() -> None:
+    split = _indexed_split()
+    dataset = CropFlipDataset(split.x_train, split.y_train, seed=0)
+    for index in range(10):
+        x, y = dataset[index]
+        image = split.x_train[index]
+        assert y == index and x.shape == image.shape and x.dtype == torch.float32
+        assert any(torch.equal(x, crop_flip(image, top, left, flip, 4))
+                   for top in range(9) for left in range(9) for flip in (False, True))
+
+
+def test_without_padding_every_draw_is_the_image_or_its_mirror() -> None:
+    image = torch.randn(3, 6, 6)
+    mirror = image.flip(-1)
+    assert not torch.equal(image, mirror)
+    dataset = CropFlipDataset(image.expand(64, -1, -1, -1), torch.zeros(64, dtype=torch.int64), seed=1,
+                              padding=0)
+    draws = [dataset[i][0] for i in range(64)]
+    mirrored = sum(torch.equal(x, mirror) for x in draws)
+    assert mirrored + sum(torch.equal(x, image) for x in draws) == 64
+    assert 0 < mirrored < 64  # both occur (either one alone has chance 2**-64)
+
+
+def test_augment_changes_training_samples_every_epoch_but_never_test_samples() -> None:
+    split = _indexed_split()
+    train, test = split.loaders(batch_size=16, seed=3, augment=True)
+    first, second = _epoch_by_index(train), _epoch_by_index(train)
+    assert first.shape == split.x_train.shape and first.dtype == torch.float32
+    differ = sum(not torch.equal(a, b) for a, b in zip(first, second))
+    assert differ >= 0.9 * len(split.y_train)  # a repeat of crop and flip has chance 1/162 per sample
+    assert not torch.equal(first, split.x_train)
+    assert torch.equal(_epoch_by_index(test), split.x_test) and torch.equal(_epoch_by_index(test), split.x_test)
+
+
+def test_augment_is_reproducible_per_seed_and_keeps_the_order() -> None:
+    split = _indexed_split()
+
+    def epoch(seed: int, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        train, _ = split.loaders(batch_size=16, seed=seed, augment=augment)
+        xs, ys = zip(*train)
+        return torch.cat(xs), torch.cat(ys)
+
+    (xa, ya), (xb, yb), (xc, _) = epoch(5, True), epoch(5, True), epoch(6, True)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb) and not torch.equal(xa, xc)
+    assert torch.equal(ya, epoch(5, False)[1])  # augmentation leaves the shuffled order alone
+
+
+def test_augment_workers_draw_their_own_crops() -> None:
+    image = torch.randn(1, 3, 8, 8)
+    dataset = CropFlipDataset(image.expand(16, -1, -1, -1), torch.arange(16), seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2)
+    first, second = (x for x, _ in loader)  # one batch from each worker
+    assert not torch.equal(first, second)  # copies of one generator would draw the same crops
+
+
+def test_augment_bad_input() -> None:
+    with pytest.raises(DataError, match=r"needs images \(N, C, H, W\) and N labels, got images of shape \(4, 8, 8\)"):
+        CropFlipDataset(torch.zeros(4, 8, 8), torch.zeros(4), seed=0)
+    with pytest.raises(DataError, match="padding must be at least 0 pixels, got -1"):
+        CropFlipDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4), seed=0, padding=-1)
+
+
+def test_cifar10_subset_augmented_batches() -> None:
+    split = _real_subset_or_skip()
+    train, test = split.loaders(batch_size=64, seed=0, augment=True)
+    x, y = next(iter(train))
+    assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    x_test, _ = next(iter(test))
+    assert torch.equal(x_test, split.x_test[:64])

@@ -118,7 +118,7 @@ def test_metrics_record_every_message_with_stage_timings(start, tmp_path):
     kinds = {record["kind"] for record in edge_records}
     assert kinds == {"hello", "train", "infer"}
     train = next(record for record in edge_records if record["kind"] == "train")
-    assert set(train["ms"]) == {"head", "encode", "wait", "decode", "backward"}
+    assert set(train["ms"]) == {"data", "head", "encode", "wait", "decode", "backward"}
     assert train["bytes_up"] > train["bytes_down"] > 0
     server_records = [json.loads(line) for line in (tmp_path / "server.jsonl").read_text().splitlines()]
     grad = next(record for record in server_records if record["kind"] == "grad")

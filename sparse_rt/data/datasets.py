@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from numpy.lib.npyio import NpzFile
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, get_worker_info
 
 from sparse_rt.errors import DataError
 
@@ -52,11 +52,17 @@ class TensorSplit:
     x_test: torch.Tensor
     y_test: torch.Tensor
 
-    def loaders(self, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
-        """Train loader shuffled by its own generator (same seed, same order); test loader in order."""
+    def loaders(self, batch_size: int, seed: int, augment: bool = False) -> tuple[DataLoader, DataLoader]:
+        """Train loader shuffled by its own generator (same seed, same order); test loader in order.
+
+        ``augment`` crops and flips every training sample anew each epoch (:class:`CropFlipDataset`,
+        seeded by ``seed``); the test data is never augmented, so accuracy stays comparable.
+        """
         generator = torch.Generator().manual_seed(seed)
+        dataset = (CropFlipDataset(self.x_train, self.y_train, seed) if augment
+                   else TensorDataset(self.x_train, self.y_train))
         # A last training batch of one sample is dropped: batch norm cannot train on a single sample.
-        train = DataLoader(TensorDataset(self.x_train, self.y_train), batch_size=batch_size,
+        train = DataLoader(dataset, batch_size=batch_size,
                            shuffle=True, generator=generator, drop_last=len(self.y_train) % batch_size == 1)
         test = DataLoader(TensorDataset(self.x_test, self.y_test), batch_size=batch_size,
                           shuffle=False, drop_last=False)
@@ -68,6 +74,65 @@ class TensorSplit:
         Interleaving keeps the class mix of every shard; the test data stays whole.
         """
         return TensorSplit(self.x_train[k - 1::n], self.y_train[k - 1::n], self.x_test, self.y_test)
+
+
+class CropFlipDataset(Dataset):
+    """Training images with the usual CIFAR-10 augmentation, drawn anew on every access.
+
+    Each image is padded by ``padding`` pixels on every side, cropped back to its size at a
+    random offset and mirrored left-right with probability 1/2 (:func:`crop_flip`). The work is
+    done here, per sample, so it runs wherever the loader runs: in the source stage's thread or
+    in the DataLoader's workers. Not for data whose class a mirror changes (digits).
+
+    Draws come from the dataset's own generator (one per DataLoader worker, seeded by the
+    worker's seed), never from torch's global one: the model draws from that (Gumbel noise) on
+    another thread, and sharing it would make neither reproducible. With ``num_workers=0`` the
+    same seed gives the same crops and flips.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, seed: int, padding: int = 4) -> None:
+        if x.ndim != 4 or len(x) != len(y):
+            raise DataError(f"augmentation needs images (N, C, H, W) and N labels, got images of shape "
+                            f"{tuple(x.shape)} and labels of shape {tuple(y.shape)}")
+        if padding < 0:
+            raise DataError(f"augmentation padding must be at least 0 pixels, got {padding}")
+        self.x, self.y, self.padding = x, y, padding
+        self._generator = torch.Generator().manual_seed(seed)
+        self._worker: tuple[int, torch.Generator] | None = None  # (worker seed, its generator)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = self._draws()
+        top, left = torch.randint(0, 2 * self.padding + 1, (2,), generator=generator).tolist()
+        flip = bool(torch.randint(0, 2, (), generator=generator))
+        return crop_flip(self.x[index], top, left, flip, self.padding), self.y[index]
+
+    def _draws(self) -> torch.Generator:
+        worker = get_worker_info()
+        if worker is None:
+            return self._generator
+        # Each worker holds a copy of this dataset: copies of one generator would repeat each
+        # other's draws, so each worker seeds its own (new workers, new seeds, every epoch).
+        if self._worker is None or self._worker[0] != worker.seed:
+            self._worker = (worker.seed, torch.Generator().manual_seed(worker.seed))
+        return self._worker[1]
+
+
+def crop_flip(image: torch.Tensor, top: int, left: int, flip: bool, padding: int) -> torch.Tensor:
+    """``image`` (C, H, W) zero-padded by ``padding``, the H x W window at ``(top, left)``, mirrored if ``flip``.
+
+    Zero is the mean colour of normalised images, so the padding adds no strong edge.
+    Offsets lie in ``[0, 2 * padding]``; ``(padding, padding)`` without flip is the image itself.
+    """
+    if not (0 <= top <= 2 * padding and 0 <= left <= 2 * padding):
+        raise ValueError(f"crop offsets must lie in [0, {2 * padding}] for padding {padding}, "
+                         f"got top {top} and left {left}")
+    height, width = image.shape[-2:]
+    padded = torch.nn.functional.pad(image, (padding, padding, padding, padding))
+    window = padded[..., top:top + height, left:left + width]
+    return window.flip(-1) if flip else window
 
 
 def split_by_seed(x: torch.Tensor, y: torch.Tensor, seed: int,

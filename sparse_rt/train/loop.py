@@ -47,11 +47,12 @@ async def train(session: EdgeSession, loader: Iterable[Batch], plan: list[EpochP
         for epoch in remaining:
             session.on_epoch(epoch, steps_per_epoch)  # budget, filter reset, exploration, learning rate
             total, count = 0.0, 0
-            async for x, y in batches(loader):
+            source = batches(loader)  # loads ahead in a background thread
+            async for x, y in source:
                 if stop is not None and stop.is_set():
                     result.stopped = True
                     return result
-                loss = await session.train_step(x, y)
+                loss = await session.train_step(x, y, data_ms=source.last_wait_ms)
                 total, count = total + loss * len(y), count + len(y)
                 bar.update(len(y))
                 bar.set_postfix(epoch=f"{epoch.epoch + 1}/{len(plan)}", B=epoch.budget, loss=f"{loss:.3f}",
