@@ -28,7 +28,7 @@ from sparse_rt.metrics import MetricsLog
 from sparse_rt.store.modelset import load_model_set
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.source import Batch
-from sparse_rt.transport.connection import Traffic, connect_dealer
+from sparse_rt.transport.connection import SocketOption, Traffic, connect_dealer
 from sparse_rt.transport.link import RequestLink
 
 T = TypeVar("T")
@@ -45,7 +45,8 @@ class EdgeClient:
     ``stages`` are your own stages between the head and the compressor (an
     early exit, say: stages/base.py); their parameters train and are
     checkpointed with the head's. ``grad_codec`` asks for the gradients in
-    another codec than the activations.
+    another codec than the activations. ``socket_options`` configure the
+    socket before it connects (transport/connection.py).
     """
 
     def __init__(self, pipeline: str | Pipeline, address: str, *, mode: str = "infer", budget: int | None = None,
@@ -53,7 +54,7 @@ class EdgeClient:
                  head_checkpoint: str | Path | None = None, model_set: str | Path | None = None,
                  lr: float | None = None, timeout: float = 30.0, retries: int = 2,
                  metrics: Path | None = None, stages: Sequence[Any] = (), grad_codec: str | None = None,
-                 offload: bool = True) -> None:
+                 offload: bool = True, socket_options: Sequence[SocketOption] = ()) -> None:
         self.pipeline = pipeline if isinstance(pipeline, Pipeline) else get_pipeline(pipeline)
         self.address = address
         self.mode = mode
@@ -81,6 +82,7 @@ class EdgeClient:
         self.settings = SessionSettings(self.pipeline.name, self.cut.channels, self.edge_model.compressor.budget,
                                         codec, lz4, mode, resolution, grad_codec)
         self._timeout, self._retries, self._metrics_path, self._offload = timeout, retries, metrics, offload
+        self._socket_options = tuple(socket_options)  # applied before connecting (e.g. CURVE keys)
         self._context: zmq.asyncio.Context | None = None
         self.session: EdgeSession | None = None
 
@@ -102,7 +104,8 @@ class EdgeClient:
     async def connect(self) -> "EdgeClient":
         """Open the socket and the session (handshake); a refusal raises RemoteError with the server's reason."""
         self._context = zmq.asyncio.Context()
-        link = RequestLink(connect_dealer(self._context, self.address), self.address, self._timeout, self._retries)
+        socket = connect_dealer(self._context, self.address, options=self._socket_options)
+        link = RequestLink(socket, self.address, self._timeout, self._retries)
         self.session = EdgeSession(self.chain, link, self.settings, MetricsLog(self._metrics_path), self._offload)
         try:
             await self.session.open()

@@ -108,10 +108,15 @@ class EdgeSession:
             return self.chain.backward(reply, ctx), up, down
         return await self._local(self.chain.backward, reply, ctx), up, down
 
-    async def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One split-learning step; returns the server's task loss for the batch."""
+    async def train_step(self, x: torch.Tensor, y: torch.Tensor, data_ms: float | None = None) -> float:
+        """One split-learning step; returns the server's task loss for the batch.
+
+        ``data_ms``, the time the step waited for its batch (the source's), goes into its metrics record.
+        """
         request_id = self.link.next_id()
         ctx = self.protocol.context("train", request_id, y, self.chain.optimizer.lr_scale.scale)
+        if data_ms is not None:
+            ctx.timer.ms["data"] = data_ms
         _, bytes_up, bytes_down = await self._run(x, ctx)
         loss = ctx.meta.get("loss", math.nan)
         self.metrics.record(ctx.timer, kind="train", id=request_id, step=ctx.step, samples=len(y), loss=loss,

@@ -4,8 +4,9 @@ A reader task takes messages off the socket in arrival order. Handshakes are
 answered at once, on the loop; tensor messages go through a bounded queue to
 one worker that runs decode, the session checks (sessions.py), the chain
 (decompressor -> tail -> optimizer, with any stages of your own before
-them) and encode in a worker thread, so steps are applied in arrival order
-and the loop stays free for sockets. When the queue is full the reader stops
+them) and encode, so steps are applied in arrival order. Kinds of message
+that take long run in a worker thread, so the loop stays free for sockets;
+those that take less than a thread hop is worth run on the loop. When the queue is full the reader stops
 reading: ZeroMQ's own buffers fill and the edges slow down, instead of the
 server's memory growing.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -28,7 +30,7 @@ from sparse_rt.model.sides import CutShape
 from sparse_rt.server.sessions import ServedCut, ServerStats, Session, SessionTable
 from sparse_rt.stages.base import Cut, StepContext
 from sparse_rt.stages.chain import ServerChain
-from sparse_rt.transport.connection import Connection, frame_bytes
+from sparse_rt.transport.connection import Transport, frame_bytes
 from sparse_rt.wire.header import MAX_HEADER_BYTES, decode_header
 from sparse_rt.wire.messages import (Activations, ErrorReply, Gradients, Hello, Message, Predictions, Welcome,
                                      decode_message, encode_message)
@@ -38,6 +40,12 @@ __all__ = ["SplitServer", "ServerStats", "Session", "error_frames"]
 log = logging.getLogger("sparse_rt.server")
 
 MAX_ERROR_TEXT = 2048
+
+# A message whose kind has recently taken less than this to answer is answered on the loop itself:
+# the trip to the worker thread and back costs more than a small step (bench exchange), and a
+# handshake arriving meanwhile waits at most about this long. Slower kinds go to the worker, so a
+# long step never holds up the reader.
+INLINE_STEP_MS = 2.0
 
 
 def error_frames(request_id: int | None, code: str, text: str) -> list[Any]:
@@ -58,7 +66,7 @@ class SplitServer:
     """
 
     def __init__(self, pipeline: str, chain: ServerChain, cut: CutShape, num_classes: int,
-                 connection: Connection, queue_size: int = 16, metrics: MetricsLog | None = None,
+                 connection: Transport, queue_size: int = 16, metrics: MetricsLog | None = None,
                  after_step: Callable[[int], None] | None = None,
                  model_set: dict[int, ServerChain] | None = None) -> None:
         self.chain = chain
@@ -71,6 +79,7 @@ class SplitServer:
         self.after_step = after_step  # called in the worker thread with the count of applied steps
         self._queue: asyncio.Queue[tuple[bytes, list[zmq.Frame], dict[str, Any], float]] = asyncio.Queue(queue_size)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
+        self._step_ms: dict[str, float] = {}  # per kind: a running estimate of the time to answer (ms)
 
     @property
     def stats(self) -> ServerStats:
@@ -129,18 +138,31 @@ class SplitServer:
         loop = asyncio.get_running_loop()
         while True:
             route, frames, header, queued = await self._queue.get()
+            started = time.perf_counter()
             timer = StageTimer()
-            timer.ms["queue"] = (time.perf_counter() - queued) * 1e3
-            reply = await loop.run_in_executor(self._executor, self._process, route, frames, header, timer)
+            timer.ms["queue"] = (started - queued) * 1e3
+            kind = header["kind"]
+            if self._step_ms.get(kind, math.inf) < INLINE_STEP_MS:
+                answered, reply = self._process(route, frames, header, timer)
+            else:
+                answered, reply = await loop.run_in_executor(self._executor, self._process, route, frames, header,
+                                                             timer)
+            if answered != "error":  # refusals are quick whatever the step costs: they must not teach it
+                self._learn(kind, (time.perf_counter() - started) * 1e3)
             await self.connection.send(reply, route)
 
+    def _learn(self, kind: str, ms: float) -> None:
+        """Track how long each kind takes (an exponential average that forgets in a few messages)."""
+        previous = self._step_ms.get(kind)
+        self._step_ms[kind] = ms if previous is None else 0.8 * previous + 0.2 * ms
+
     def _process(self, route: bytes, frames: list[zmq.Frame], header: dict[str, Any],
-                 timer: StageTimer) -> list[Any]:
-        """Answer one message and record it (worker thread)."""
+                 timer: StageTimer) -> tuple[str, list[Any]]:
+        """Answer one message and record it: (the reply's kind, its frames)."""
         kind, request_id, reply = self._answer(route, frames, header, timer)
         self.metrics.record(timer, kind=kind, id=request_id, route=route.hex(), bytes_in=frame_bytes(frames),
                             bytes_out=frame_bytes(reply))
-        return reply
+        return kind, reply
 
     def _answer(self, route: bytes, frames: list[zmq.Frame], header: dict[str, Any],
                 timer: StageTimer) -> tuple[str, int | None, list[Any]]:

@@ -9,14 +9,19 @@ Frames go out with ``copy=False``; pyzmq still copies frames below the
 socket's ``copy_threshold`` (64 KiB by default), which is where zero-copy
 stops paying off.
 
-A connection may be given a :class:`~sparse_rt.transport.shaper.Shaper`: its
-messages then cross a modelled link of limited rate and delay before they
-reach ZeroMQ (see shaper.py). Without one, ``send`` is exactly the plain path.
+Cross-cutting concerns are layers around the plain socket, not code inside
+it (as Flower's client mods wrap a call): :class:`Counted` counts bytes,
+:class:`Shaped` puts messages on a modelled link of limited rate and delay
+(see shaper.py), and socket options (:data:`SocketOption`, e.g. a message
+size limit or CURVE keys) are applied to the socket before it binds or
+connects. A layer of one's own subclasses :class:`Layer`. Each layer
+passes on what it does not handle, so ``connection.socket`` still reaches
+the socket.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import zmq
 import zmq.asyncio
@@ -38,67 +43,131 @@ def frame_bytes(frames: Sequence[Any]) -> int:
     return sum(memoryview(frame).nbytes for frame in frames)
 
 
-class Connection:
-    """One socket, one byte counter. DEALER and ROUTER differ only in routing ids."""
+# Configures a socket before it binds or connects (options such as CURVE keys must come first).
+SocketOption = Callable[[zmq.Socket], None]
 
-    def __init__(self, socket: zmq.asyncio.Socket, shaper: Shaper | None = None) -> None:
+
+def sockopt(option: int, value: Any) -> SocketOption:
+    """A plain ZeroMQ socket option, e.g. ``sockopt(zmq.SNDHWM, 100)``."""
+    return lambda socket: socket.setsockopt(option, value)
+
+
+def max_message_size(nbytes: int) -> SocketOption:
+    """Per frame; bigger frames make ZeroMQ drop the connection instead of allocating."""
+    return sockopt(zmq.MAXMSGSIZE, nbytes)
+
+
+class Connection:
+    """One socket: frames out and in. DEALER and ROUTER differ only in routing ids."""
+
+    def __init__(self, socket: zmq.asyncio.Socket) -> None:
         self.socket = socket
         self.routed = socket.type == zmq.ROUTER
-        self.traffic = Traffic()
-        self._shaped = None if shaper is None else ShapedSender(shaper, self._send_now)
-
-    async def _send_now(self, message: list[Any]) -> None:
-        await self.socket.send_multipart(message, copy=False)
 
     async def send(self, frames: Sequence[Any], route: bytes | None = None) -> None:
-        message = [route, *frames] if self.routed else list(frames)
-        nbytes = frame_bytes(frames)
-        if self._shaped is None:
-            await self.socket.send_multipart(message, copy=False)
-        else:
-            await self._shaped.send(message, nbytes)
-        self.traffic.bytes_sent += nbytes
-        self.traffic.messages_sent += 1
+        await self.socket.send_multipart([route, *frames] if self.routed else frames, copy=False)
 
     async def recv(self) -> tuple[bytes | None, list[zmq.Frame]]:
         """The next message: (routing id or None, its frames)."""
         frames = await self.socket.recv_multipart(copy=False)
-        route = frames.pop(0).bytes if self.routed else None
+        return (frames.pop(0).bytes if self.routed else None), frames
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class Layer:
+    """Wraps a connection (or another layer); passes through whatever it does not override."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:  # socket, traffic, routed ... of the layers below
+        return getattr(self.inner, name)
+
+    async def send(self, frames: Sequence[Any], route: bytes | None = None) -> None:
+        await self.inner.send(frames, route)
+
+    async def recv(self) -> tuple[bytes | None, list[zmq.Frame]]:
+        return await self.inner.recv()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class Counted(Layer):
+    """Counts every frame's bytes and every message, per direction, as they pass."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.traffic = Traffic()
+
+    async def send(self, frames: Sequence[Any], route: bytes | None = None) -> None:
+        await self.inner.send(frames, route)
+        self.traffic.bytes_sent += frame_bytes(frames)
+        self.traffic.messages_sent += 1
+
+    async def recv(self) -> tuple[bytes | None, list[zmq.Frame]]:
+        route, frames = await self.inner.recv()
         self.traffic.bytes_received += sum(len(frame) for frame in frames)
         self.traffic.messages_received += 1
         return route, frames
 
+
+class Shaped(Layer):
+    """Messages cross a modelled link (shaper.py) before they reach the socket; receiving is untouched."""
+
+    def __init__(self, inner: Any, shaper: Shaper) -> None:
+        super().__init__(inner)
+        self._sender = ShapedSender(shaper, lambda message: inner.send(*message))
+
+    async def send(self, frames: Sequence[Any], route: bytes | None = None) -> None:
+        await self._sender.send((frames, route), frame_bytes(frames))
+
     def close(self) -> None:
-        if self._shaped is not None:
-            self._shaped.close()
-        self.socket.close(linger=0)
+        self._sender.close()
+        self.inner.close()
 
 
-def _open(context: zmq.asyncio.Context, kind: int, attach: str, address: str,
-          max_message_bytes: int | None, shaper: Shaper | None) -> Connection:
+# What sessions are given: a socket, with or without layers around it.
+Transport = Connection | Layer
+
+
+def open_socket(context: zmq.asyncio.Context, kind: int, attach: str, address: str,
+                options: Iterable[SocketOption] = ()) -> Connection:
+    """A socket with ``options`` applied, then bound or connected; a failure names the address."""
     socket = context.socket(kind)
     socket.setsockopt(zmq.LINGER, 0)
-    if max_message_bytes is not None:
-        # Per frame; bigger frames make ZeroMQ drop the connection instead of allocating.
-        socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     try:
+        for option in options:
+            option(socket)
         getattr(socket, attach)(address)
     except zmq.ZMQError as exc:
         socket.close(linger=0)
         raise OSError(f"cannot {attach} {address}: {exc}") from None
-    return Connection(socket, shaper)
+    return Connection(socket)
+
+
+def _layered(connection: Connection, shaper: Shaper | None) -> Counted:
+    """The layers every connection of ours gets: bytes counted at the socket, the shaper below the count."""
+    return Counted(connection if shaper is None else Shaped(connection, shaper))
+
+
+def _options(max_message_bytes: int | None, options: Iterable[SocketOption]) -> list[SocketOption]:
+    return [*([] if max_message_bytes is None else [max_message_size(max_message_bytes)]), *options]
 
 
 def bind_router(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None,
-                shaper: Shaper | None = None) -> Connection:
+                shaper: Shaper | None = None, options: Iterable[SocketOption] = ()) -> Counted:
     """The server's socket (its sends are the downlink). A bind failure names the address."""
-    return _open(context, zmq.ROUTER, "bind", address, max_message_bytes, shaper)
+    return _layered(open_socket(context, zmq.ROUTER, "bind", address, _options(max_message_bytes, options)), shaper)
 
 
 def connect_dealer(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None,
-                   shaper: Shaper | None = None) -> Connection:
+                   shaper: Shaper | None = None, options: Iterable[SocketOption] = ()) -> Counted:
     """An edge's socket (its sends are the uplink).
 
     Connecting is lazy in ZeroMQ: a missing server shows up as a timeout.
     """
-    return _open(context, zmq.DEALER, "connect", address, max_message_bytes, shaper)
+    return _layered(open_socket(context, zmq.DEALER, "connect", address, _options(max_message_bytes, options)),
+                    shaper)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import zmq
 
 from sparse_rt.errors import WireError
-from sparse_rt.transport.connection import Connection
+from sparse_rt.transport.connection import Transport
 from sparse_rt.wire.header import decode_header
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class ServerUnreachable(ConnectionError):
 class RequestLink:
     """Send frames with an id, await the frames of the reply with that id."""
 
-    def __init__(self, connection: Connection, address: str, timeout: float = 60.0, retries: int = 0) -> None:
+    def __init__(self, connection: Transport, address: str, timeout: float = 60.0, retries: int = 0) -> None:
         self.connection = connection
         self.address = address
         self.timeout = timeout

@@ -11,7 +11,7 @@ One :class:`Shaper` is the link. Give the same one to both ends (the edge's
 DEALER and the server's ROUTER, so both live in one process) and the two
 directions share it; give each end its own to model a full-duplex link.
 
-Each shaped :class:`~sparse_rt.transport.connection.Connection` gets a
+Each :class:`~sparse_rt.transport.connection.Shaped` layer gets a
 :class:`ShapedSender`: ``send`` reserves the link and queues the frames, and
 one task per connection hands them to ZeroMQ at their delivery time, in order.
 The caller is not held up, as with a real socket's send buffer, unless
@@ -57,14 +57,14 @@ class Shaper:
 class ShapedSender:
     """One connection's side of a link: frames wait here until the link has delivered them, then go to ZeroMQ."""
 
-    def __init__(self, shaper: Shaper, send: Callable[[list[Any]], Awaitable[Any]], queue_size: int = 1000) -> None:
+    def __init__(self, shaper: Shaper, send: Callable[[Any], Awaitable[Any]], queue_size: int = 1000) -> None:
         self.shaper = shaper
         self._send = send
-        self._queue: asyncio.Queue[tuple[float, list[Any]]] = asyncio.Queue(queue_size)  # binds its loop on first use
+        self._queue: asyncio.Queue[tuple[float, Any]] = asyncio.Queue(queue_size)  # binds its loop on first use
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
 
-    async def send(self, message: list[Any], nbytes: int) -> None:
+    async def send(self, message: Any, nbytes: int) -> None:
         """Reserve the link for ``nbytes`` and queue ``message`` (the frames ZeroMQ gets, envelope included)."""
         if self._failure is not None:  # lost data is never silent: the next send reports it
             raise ConnectionError(f"a shaped send failed earlier: {self._failure!r}") from self._failure
