@@ -49,8 +49,10 @@ async def _ask(raw, frames, timeout=10.0):
     return decode_message(await asyncio.wait_for(raw.recv_multipart(), timeout))
 
 
-async def _open(raw, budget=4, codec="fp32", mode="train", pipeline="digits_cnn", channels=32, resolution=0):
-    return await _ask(raw, encode_message(Hello(1, pipeline, channels, budget, codec, False, mode, resolution)))
+async def _open(raw, budget=4, codec="fp32", mode="train", pipeline="digits_cnn", channels=32, resolution=0,
+                grad_codec=None, grad_lz4=None):
+    return await _ask(raw, encode_message(Hello(1, pipeline, channels, budget, codec, False, mode, resolution,
+                                                grad_codec, grad_lz4)))
 
 
 def _batch(cut, budget=4, n=8, step=0, session="", labels=True, request_id=5):
@@ -63,7 +65,8 @@ def _batch(cut, budget=4, n=8, step=0, session="", labels=True, request_id=5):
     (dict(pipeline="vgg11_cifar10"), "runs pipeline 'digits_cnn'"),
     (dict(channels=64), "has 32 channels"),
     (dict(budget=33, channels=32), "between 1 and 32"),
-    (dict(codec="bf16"), "unknown codec"),
+    (dict(codec="no-such-codec"), "unknown codec"),
+    (dict(grad_codec="no-such-codec"), "unknown codec 'no-such-codec'"),
     (dict(resolution=2), "restores resolution r=0"),
 ])
 async def test_mismatched_handshake_is_refused_with_the_reason(served, hello, reason):
@@ -85,6 +88,21 @@ async def test_training_step_and_inference_over_the_socket(served):
     pred = await _ask(raw, encode_message(_batch(cut, session=session, labels=False)))
     assert isinstance(pred, Predictions) and pred.logits.shape == (8, 10)
     assert server.stats.steps_applied == 1 and server.stats.inferences == 1
+
+
+async def test_gradients_travel_in_the_codec_the_handshake_chose_for_them(served):
+    _, raw, _, cut, *_ = served
+    session = (await _open(raw, grad_codec="fp16", grad_lz4=True)).session
+    request = _batch(cut, session=session)  # activations in fp32, no lz4
+    frames = encode_message(request)
+    await raw.send_multipart(frames)
+    reply = await asyncio.wait_for(raw.recv_multipart(), 10)
+    grad = decode_message(reply)
+    assert isinstance(grad, Gradients) and (grad.codec, grad.lz4) == ("fp16", True)
+    assert json.loads(reply[0])["codec"] == "fp16"
+    plain = (await _open(raw)).session  # without grad_codec the gradient comes as the activations do
+    grad = await _ask(raw, encode_message(_batch(cut, session=plain)))
+    assert (grad.codec, grad.lz4) == ("fp32", False)
 
 
 async def test_a_resent_step_is_answered_again_but_applied_once(served):

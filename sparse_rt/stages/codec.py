@@ -45,10 +45,11 @@ class CodecStage(Stage):
     def __init__(self, up: str | CodecChoice = "fp32", down: str | CodecChoice | None = None, *,
                  lz4: bool = False, down_lz4: bool | None = None, channels: int = 0) -> None:
         self.up = up if isinstance(up, CodecChoice) else CodecChoice(up, lz4)
-        if down is None:
-            self.down = CodecChoice(self.up.name, self.up.lz4 if down_lz4 is None else down_lz4)
+        down_lz4 = self.up.lz4 if down_lz4 is None else down_lz4  # lz4 both ways unless told otherwise
+        if isinstance(down, CodecChoice):
+            self.down = down
         else:
-            self.down = down if isinstance(down, CodecChoice) else CodecChoice(down, bool(down_lz4))
+            self.down = CodecChoice(self.up.name if down is None else down, down_lz4)
         self.channels = channels  # C at the cut, which every activation message states; set by the assembly
 
     def forward(self, cut: Cut, ctx: StepContext) -> list[Any]:
