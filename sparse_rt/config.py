@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_rt.errors import ConfigError
+from sparse_rt.pipeline import Pipeline, TrainingSettings
 from sparse_rt.train.schedules import deprune, parse_phases
 from sparse_rt.wire.codecs import CODEC_NAMES
 from sparse_rt.wire.header import MAX_CHANNELS
@@ -45,6 +46,11 @@ class RunConfig:
             raise ConfigError(f"resolution must be between 0 (off) and 8, got {self.resolution}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+
+    def resolved(self, pipeline: Pipeline) -> TrainingSettings:
+        """This run's training settings: its own where given, ``pipeline``'s defaults otherwise."""
+        return TrainingSettings.resolve(pipeline, batch_size=self.batch_size, lr=self.lr, epochs=self.epochs,
+                                        resolution=self.resolution)
 
 
 ROLES = ("server", "edge")
@@ -120,6 +126,10 @@ class NodeConfig:
     def run_config(self) -> RunConfig:
         return RunConfig(self.pipeline, self.budget, self.epochs, self.codec, self.lz4, self.data, self.seed,
                          self.batch_size, self.lr, self.resolution, progress=False)
+
+    def resolved(self, pipeline: Pipeline) -> TrainingSettings:
+        """This node's training settings: its own where given, ``pipeline``'s defaults otherwise (as a run's)."""
+        return self.run_config().resolved(pipeline)
 
 
 def shard_index(shard: str) -> tuple[int, int]:

@@ -40,6 +40,40 @@ class Pipeline:
     resolution: int = 0  # resolution compression r at the cut (0 = off)
 
 
+@dataclass(frozen=True)
+class TrainingSettings:
+    """A run's training settings: the pipeline's defaults under the run's own choices, resolved once.
+
+    Every entry point (run, train, experiment, nodes, EdgeClient, SplitPair,
+    the bench suites) reads these instead of filling in defaults itself; see
+    :meth:`resolve`.
+    """
+
+    batch_size: int
+    lr: float
+    optimizer: str
+    weight_decay: float
+    epochs: int
+    resolution: int
+
+    @classmethod
+    def resolve(cls, pipeline: Pipeline, *, batch_size: int | None = None, lr: float | None = None,
+                optimizer: str | None = None, weight_decay: float | None = None, epochs: int | None = None,
+                resolution: int | None = None) -> "TrainingSettings":
+        """``pipeline``'s settings with every override that is given on top; ``None`` means the pipeline's default.
+
+        So does 0 for ``batch_size``, ``lr`` and ``epochs``, which must be positive
+        (as ``value or default`` always read them); 0 is a real choice for
+        ``resolution`` (off) and ``weight_decay``.
+        """
+        return cls(batch_size=batch_size or pipeline.batch_size,
+                   lr=lr or pipeline.lr,
+                   optimizer=pipeline.optimizer if optimizer is None else optimizer,
+                   weight_decay=pipeline.weight_decay if weight_decay is None else weight_decay,
+                   epochs=epochs or pipeline.epochs,
+                   resolution=pipeline.resolution if resolution is None else resolution)
+
+
 def available_pipelines() -> dict[str, str]:
     """Registered pipeline names -> their entry-point targets."""
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}

@@ -46,7 +46,7 @@ from sparse_rt.bench.common import (DEFAULT_BUDGETS, Batches, BenchReport, Budge
                                     bench_options, emit, pyplot, resolve_budgets, save_figure, synthetic_batches)
 from sparse_rt.bench.netns import namespace, netem_problem, run_inside, shape_loopback
 from sparse_rt.errors import DataError
-from sparse_rt.pipeline import Pipeline, get_pipeline
+from sparse_rt.pipeline import Pipeline, TrainingSettings, get_pipeline
 from sparse_rt.assembly import build_halves
 from sparse_rt.pair import SplitPair
 from sparse_rt.transport.shaper import Shaper
@@ -241,8 +241,9 @@ def run_link(pipeline_name: str, mbps: list[float], rtt_ms: float, budgets: list
     pipeline = get_pipeline(pipeline_name)
     mbps = list(dict.fromkeys(mbps))
     used, why = choose_shaper(shaper)
-    plan = Plan(pipeline.name, batch_size or pipeline.batch_size, steps, repeats, warmup, seed, synthetic)
-    channels = build_halves(pipeline, seed, None, pipeline.resolution)[2].channels
+    training = TrainingSettings.resolve(pipeline, batch_size=batch_size)
+    plan = Plan(pipeline.name, training.batch_size, steps, repeats, warmup, seed, synthetic)
+    channels = build_halves(pipeline, seed, None, training.resolution)[2].channels
     resolved = resolve_budgets(budgets, channels)
     variants = [Variant(budget, codec, with_lz4) for budget in resolved for codec in codecs
                 for with_lz4 in ((False, True) if lz4 else (False,))]

@@ -20,7 +20,7 @@ import zmq.asyncio
 
 from sparse_rt.errors import ConfigError
 from sparse_rt.model.sides import CutShape, EdgeModel
-from sparse_rt.pipeline import Pipeline, get_pipeline
+from sparse_rt.pipeline import Pipeline, TrainingSettings, get_pipeline
 from sparse_rt.assembly import edge_chain, edge_side
 from sparse_rt.store.checkpoint import read_checkpoint, save_checkpoint
 from sparse_rt.edge.session import EdgeSession, SessionSettings
@@ -58,6 +58,7 @@ class EdgeClient:
         self.pipeline = pipeline if isinstance(pipeline, Pipeline) else get_pipeline(pipeline)
         self.address = address
         self.mode = mode
+        training = TrainingSettings.resolve(self.pipeline, lr=lr)  # a resolution saved with the head comes first
         checkpoint = read_checkpoint(head_checkpoint) if head_checkpoint is not None else None
         meta = checkpoint.meta if checkpoint is not None else {}
         if budget is None:
@@ -71,11 +72,11 @@ class EdgeClient:
             self.edge_model = self._head_for(budget)
         else:
             if resolution is None:
-                resolution = int(meta.get("resolution", self.pipeline.resolution))
+                resolution = int(meta.get("resolution", training.resolution))
             self.edge_model, self.cut = edge_side(self.pipeline, seed, budget, resolution)
         self._stages, self._codecs = tuple(stages), dict(codec=codec, lz4=lz4, grad_codec=grad_codec)
-        self._optimizer = lambda params: build_optimizer(params, self.pipeline.optimizer, lr or self.pipeline.lr,
-                                                         self.pipeline.weight_decay)
+        self._optimizer = lambda params: build_optimizer(params, training.optimizer, training.lr,
+                                                         training.weight_decay)
         self.chain = edge_chain(self.edge_model, self._optimizer, stages=self._stages, **self._codecs)
         self.optimizer = self.chain.optimizer.optimizer
         self.resumed = checkpoint.restore(self.chain.module, self.optimizer) if checkpoint is not None else {}

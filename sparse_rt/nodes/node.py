@@ -57,6 +57,7 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     """Serve until SIGINT/SIGTERM; returns the server's summary."""
     started = time.perf_counter()
     pipeline = get_pipeline(config.pipeline)
+    training = config.resolved(pipeline)
     model_set = None
     if config.models is not None:
         tails, cut, resolution = load_model_set(config.models, pipeline, "tail")
@@ -64,10 +65,9 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
         log.info("loaded the model set %s: budgets %s", config.models, ", ".join(map(str, sorted(tails))))
         model = tails[max(tails)]
     else:
-        resolution = pipeline.resolution if config.resolution is None else config.resolution
+        resolution = training.resolution
         model, cut = server_side(pipeline, config.seed, resolution)
-    optimizer = build_optimizer(model.parameters(), pipeline.optimizer, config.lr or pipeline.lr,
-                                pipeline.weight_decay)
+    optimizer = build_optimizer(model.parameters(), training.optimizer, training.lr, training.weight_decay)
     steps_before = 0
     if config.resume:
         steps_before = int(read_checkpoint(config.checkpoint).restore(model, optimizer).get("steps", 0))
@@ -122,8 +122,9 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
     data = load_data(pipeline, config.run_config())
     if config.shard is not None:
         data = data.shard(*shard_index(config.shard))
-    epochs = config.epochs or pipeline.epochs
-    train_loader, test_loader = data.loaders(config.batch_size or pipeline.batch_size, config.seed)
+    training = config.resolved(pipeline)
+    epochs = training.epochs
+    train_loader, test_loader = data.loaders(training.batch_size, config.seed)
     client = EdgeClient(pipeline, config.connect, mode=config.mode, budget=config.budget, codec=config.codec,
                         lz4=config.lz4, resolution=config.resolution, seed=config.seed,
                         head_checkpoint=config.checkpoint if config.resume else None, model_set=config.models,

@@ -31,9 +31,9 @@ async def run_split(config: RunConfig) -> RunSummary:
     pipeline = get_pipeline(config.pipeline)
     data = load_data(pipeline, config)
     torch.manual_seed(config.seed)
-    resolution = pipeline.resolution if config.resolution is None else config.resolution
-    epochs = config.epochs or pipeline.epochs
-    train_loader, test_loader = data.loaders(config.batch_size or pipeline.batch_size, config.seed)
+    training = config.resolved(pipeline)
+    resolution, epochs = training.resolution, training.epochs
+    train_loader, test_loader = data.loaders(training.batch_size, config.seed)
     pair = SplitPair.for_pipeline(pipeline, budget=config.budget, codec=config.codec, lz4=config.lz4,
                                   resolution=resolution, lr=config.lr, transport=config.transport,
                                   request_timeout=config.request_timeout)

@@ -84,10 +84,10 @@ async def run_schedule(method: str, config: RunConfig, plan_for: Callable[[int],
     started = time.perf_counter()
     pipeline = get_pipeline(config.pipeline)
     data = load_data(pipeline, config)
-    resolution = pipeline.resolution if config.resolution is None else config.resolution
+    training = config.resolved(pipeline)
+    resolution, lr = training.resolution, training.lr
     torch.manual_seed(config.seed)
-    train_loader, test_loader = data.loaders(config.batch_size or pipeline.batch_size, config.seed)
-    lr = config.lr or pipeline.lr
+    train_loader, test_loader = data.loaders(training.batch_size, config.seed)
     pair = _split(config, pipeline, resolution, lr, connect, retries)
     plan = plan_for(pair.cut.channels)
     out.mkdir(parents=True, exist_ok=True)
