@@ -19,7 +19,8 @@ from torch import nn
 
 from sparse_rt.assembly import edge_chain, server_chain
 from sparse_rt.model.compression import PruneLossWeights
-from sparse_rt.model.sides import build_sides
+from sparse_rt.errors import ConfigError
+from sparse_rt.model.sides import CutShape, build_sides
 from sparse_rt.pipeline import Pipeline
 from sparse_rt.edge.session import EdgeSession, SessionSettings
 from sparse_rt.server.server import SplitServer
@@ -49,6 +50,33 @@ def count_outputs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return int(outputs)
 
 
+def check_compressor(compressor: nn.Module, head: nn.Module, cut: CutShape, input_shape: tuple[int, ...],
+                     resolution: int) -> None:
+    """A compressor of one's own must send B of the cut's C channels at the cut's size; ConfigError if not.
+
+    Checked with a dummy sample now, so a mistake is told at construction
+    instead of as a refusal from the server at the first step.
+    """
+    channels, budget = getattr(compressor, "channels", None), getattr(compressor, "budget", None)
+    if channels != cut.channels or not isinstance(budget, int) or not 1 <= budget <= cut.channels:
+        raise ConfigError(f"a compressor needs attributes channels (here {cut.channels}) and budget (1 to "
+                          f"{cut.channels}), got channels={channels!r}, budget={budget!r}")
+    if resolution:
+        raise ConfigError("resolution compression is the paper's Compressor's; a compressor of your own sends "
+                          "the cut at its full size (resolution=0)")
+    modes = [(module, module.training) for module in (head, compressor)]
+    for module, _ in modes:
+        module.eval()
+    with torch.no_grad():
+        values, indices = compressor(head(torch.zeros(1, *input_shape)))
+    for module, training in modes:
+        module.train(training)
+    expected = (1, budget, cut.sent_height, cut.sent_width)
+    if tuple(values.shape) != expected or tuple(indices.shape) != (budget,):
+        raise ConfigError(f"the compressor must return values {expected} and indices ({budget},) for one sample, "
+                          f"got {tuple(values.shape)} and {tuple(indices.shape)}")
+
+
 class SplitPair:
     """``model`` cut after ``cut``: head + compressor on an edge, decompressor + tail on a server.
 
@@ -57,7 +85,11 @@ class SplitPair:
     own parameters; ``budget=None`` sends all channels. ``edge_stages`` go
     between the head and the compressor, ``server_stages`` before the
     decompressor (stages/base.py); ``grad_codec`` sends gradients in another
-    codec than the activations.
+    codec than the activations. ``compressor`` replaces the paper's
+    Compressor with a module of your own that chooses what crosses the
+    network (stages/compressor.py): ``forward(x) -> (values, indices)``, with
+    attributes ``channels`` (C) and ``budget`` (B); ``budget`` and ``weights``
+    are then its business, and the server's Decompressor scatters what it sends.
     ``shaper`` puts both sockets on one modelled link of limited rate and delay
     (transport/shaper.py), e.g. with ``transport="tcp"`` for `sparse-rt bench link`.
     """
@@ -67,10 +99,13 @@ class SplitPair:
                  lr: float = 1e-3, weight_decay: float = 0.0, transport: str = "inproc", name: str = "custom",
                  request_timeout: float = 60.0, weights: PruneLossWeights = PruneLossWeights(),
                  shaper: Shaper | None = None, edge_stages: Sequence[Any] = (), server_stages: Sequence[Any] = (),
-                 grad_codec: str | None = None, offload: bool = True) -> None:
+                 grad_codec: str | None = None, offload: bool = True, compressor: nn.Module | None = None) -> None:
         num_classes = count_outputs(model, input_shape)
         self.edge_model, self.server_model, self.cut = build_sides(model, cut, input_shape, budget, resolution,
                                                                    weights)
+        if compressor is not None:
+            check_compressor(compressor, self.edge_model.head, self.cut, input_shape, resolution)
+            self.edge_model.compressor = compressor
         self.budget = self.edge_model.compressor.budget
         self.name = name
         self.address = local_address(transport)
@@ -96,9 +131,12 @@ class SplitPair:
 
         ``options`` are the other keyword arguments of the constructor (budget, codec, transport, ...).
         """
-        return cls(pipeline.build_model(), pipeline.cut, pipeline.input_shape, optimizer=pipeline.optimizer,
-                   lr=lr or pipeline.lr, weight_decay=pipeline.weight_decay, name=pipeline.name,
-                   resolution=pipeline.resolution if resolution is None else resolution, **options)
+        from sparse_rt.pipeline import TrainingSettings
+
+        training = TrainingSettings.resolve(pipeline, lr=lr, resolution=resolution)
+        return cls(pipeline.build_model(), pipeline.cut, pipeline.input_shape, optimizer=training.optimizer,
+                   lr=training.lr, weight_decay=training.weight_decay, name=pipeline.name,
+                   resolution=training.resolution, **options)
 
     @property
     def session(self) -> EdgeSession:

@@ -8,12 +8,13 @@ when it is ready and which port it bound.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import threading
-from typing import Any
+from typing import Any, Mapping
 
 READY = re.compile(r"serving \S+ on (\S+?):? ")
 
@@ -30,12 +31,19 @@ def node_arguments(options: dict[str, Any]) -> list[str]:
 
 
 class NodeProcess:
-    """One `sparse-rt node` child process; its log lines are kept in ``log`` (and echoed if asked)."""
+    """One `sparse-rt node` child process; its log lines are kept in ``log`` (and echoed if asked).
 
-    def __init__(self, role: str, options: dict[str, Any], echo: str | None = None) -> None:
+    ``env`` adds environment variables to this process's for the child, e.g.
+    ``PYTHONPATH`` so that it finds a module of one's own (a pipeline that
+    registers its own codec).
+    """
+
+    def __init__(self, role: str, options: dict[str, Any], echo: str | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         command = [sys.executable, "-m", "sparse_rt", "node", "--role", role, *node_arguments(options)]
         self.role = role
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env=None if env is None else {**os.environ, **env})
         self.log: list[str] = []
         self.address: str | None = None
         self._ready = threading.Event()

@@ -120,10 +120,18 @@ class EdgeChain:
             for stage in self.local:
                 x = call_stage(stage, x, ctx)
                 if ctx.finished:
+                    self._train_locally(ctx)
                     return None
         cut: Cut = x
         with ctx.timer.stage("encode"):
             return self.codec.forward(cut, ctx)
+
+    def _train_locally(self, ctx: StepContext) -> None:
+        """A training batch answered whole on the edge still trains what it added losses for."""
+        if ctx.training and ctx.losses:
+            self.optimizer.zero_grad()
+            torch.autograd.backward(ctx.losses)
+            self.optimizer.step(ctx)
 
     def backward(self, reply: Any, ctx: StepContext) -> torch.Tensor | None:
         """Codec back to head: decodes the reply; in training backpropagates it and steps. Returns the logits in inference."""
