@@ -298,6 +298,13 @@ def stop_server(server: NodeProcess, failed: bool = False) -> dict[str, Any]:
     return server.result(SERVER_TIMEOUT)
 
 
+def check_applied(summary: dict[str, Any], steps_sent: int, what: str = "") -> None:
+    """The server applied every step the edge saw acknowledged, with no error; else the run's figures are void."""
+    if summary["steps_applied"] != steps_sent or summary["errors"]:
+        raise click.ClickException(f"{what + ': ' if what else ''}the server applied {summary['steps_applied']} "
+                                   f"steps with {summary['errors']} errors; the edge had {steps_sent} acknowledged")
+
+
 def synthetic_batches(pipeline: Pipeline, batch_size: int, count: int, seed: int) -> Batches:
     """Random inputs of the pipeline's shape and random labels: throughput does not depend on the pixels."""
     import torch

@@ -26,8 +26,8 @@ import click
 import torch
 from torch.nn import functional as F
 
-from sparse_rt.bench.common import (Batches, BenchReport, PipelineList, bench_options, emit, median_time, pyplot,
-                                    save_figure, start_server, stop_server, synthetic_batches, torch_threads)
+from sparse_rt.bench.common import (Batches, BenchReport, PipelineList, bench_options, check_applied, emit, median_time,
+                                    pyplot, save_figure, start_server, stop_server, synthetic_batches, torch_threads)
 from sparse_rt.pipeline import Pipeline, get_pipeline
 from sparse_rt.edge.client import EdgeClient
 from sparse_rt.stages.optimizer import build_optimizer
@@ -150,9 +150,7 @@ def measure_pipeline(name: str, batch_size: int, batches: int, repeats: int, war
             loop.run_until_complete(client.close())
         loop.close()
         summary = stop_server(server, failed)
-    if summary["steps_applied"] != steps_sent or summary["errors"]:
-        raise click.ClickException(f"{name}: the server applied {summary['steps_applied']} steps with "
-                                   f"{summary['errors']} errors; the edge had {steps_sent} acknowledged")
+    check_applied(summary, steps_sent, name)
     return rows
 
 

@@ -68,8 +68,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparse_rt import EdgeClient, Pipeline, build_sides
-from sparse_rt.bench.common import (BenchReport, bench_options, emit, pyplot, save_figure, start_server, stop_server,
-                                    torch_threads)
+from sparse_rt.bench.common import (BenchReport, bench_options, check_applied, emit, pyplot, save_figure, start_server,
+                                    stop_server, torch_threads)
 from sparse_rt.bench.transport import Bench
 from sparse_rt.data.datasets import TensorSplit
 
@@ -367,7 +367,7 @@ def measure_mode(mode: str, raw: Bench, runs: dict[str, dict[str, Callable[[], f
 
 
 def run_exchange(shape: tuple[int, int, int, int], budget: int | None, codec: str, repeats: int, warmup: int,
-                 threads: int, seed: int, peer_path: Path | None = None) -> BenchReport:
+                 threads: int, seed: int, peer_path: Path | None = None, offload: bool = True) -> BenchReport:
     """Measure train and infer exchanges raw, compute and sparse-rt (and the peer framework); returns the report."""
     batch, channels, height, width = shape
     budget = channels if budget is None else budget
@@ -381,9 +381,10 @@ def run_exchange(shape: tuple[int, int, int, int], budget: int | None, codec: st
     report = BenchReport("exchange", COLUMNS + (PEER_COLUMNS if peer_path else ()))
     with torch_threads(threads):
         used_threads = torch.get_num_threads()
-        report.rows = _measure(pipeline, x, y, budget, codec, repeats, warmup, seed, peer_path)
+        report.rows = _measure(pipeline, x, y, budget, codec, repeats, warmup, seed, peer_path, offload)
     report.settings = {"batch": batch, "channels": channels, "height": height, "width": width, "budget": budget,
-                       "codec": codec, "lz4": False, "repeats": repeats, "warmup": warmup, "seed": seed,
+                       "codec": codec, "lz4": False, "edge_torch_work": "worker thread" if offload else "event loop",
+                       "repeats": repeats, "warmup": warmup, "seed": seed,
                        "torch_threads": used_threads, "server_pipeline": pipeline_reference(channels, height, width),
                        "transport": "tcp://127.0.0.1", "peer": "sparse-framework 1.1.0" if peer_path else None,
                        "peer_path": str(peer_path) if peer_path else None,
@@ -411,7 +412,7 @@ def start_processes(reference: str, seed: int, batch: int) -> tuple[Bench, NodeP
 
 
 def _measure(pipeline: Pipeline, x: torch.Tensor, y: torch.Tensor, budget: int, codec: str, repeats: int,
-             warmup: int, seed: int, peer_path: Path | None) -> list[dict[str, Any]]:
+             warmup: int, seed: int, peer_path: Path | None, offload: bool = True) -> list[dict[str, Any]]:
     """Start the raw peer, the server (and the framework peer), measure both modes, stop them all."""
     channels, height, width = pipeline.input_shape
     runs = {"compute": {mode: timed(run) for mode, run in compute_runs(pipeline, budget, seed, x, y).items()}}
@@ -423,7 +424,7 @@ def _measure(pipeline: Pipeline, x: torch.Tensor, y: torch.Tensor, budget: int, 
     rows = []
     try:
         client = EdgeClient(pipeline, address, mode="train", budget=budget, codec=codec, seed=seed,
-                            timeout=REQUEST_TIMEOUT, retries=0)
+                            timeout=REQUEST_TIMEOUT, retries=0, offload=offload)
         loop.run_until_complete(client.connect())
         runs["sparse_rt"] = sparse_rt_runs(client, loop, x, y)
         if peer_path is not None:
@@ -445,9 +446,7 @@ def _measure(pipeline: Pipeline, x: torch.Tensor, y: torch.Tensor, budget: int, 
         loop.close()
         raw.close()
         summary = stop_server(server, failed)
-    if summary["steps_applied"] != steps_sent or summary["errors"]:
-        raise click.ClickException(f"the server applied {summary['steps_applied']} steps with {summary['errors']} "
-                                   f"errors; the edge had {steps_sent} acknowledged")
+    check_applied(summary, steps_sent)
     return rows
 
 
@@ -529,11 +528,13 @@ def plot(report: BenchReport, path: Path) -> None:
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="Torch threads in this process and in the server (0: torch's default).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the model and the random batch.")
+@click.option("--edge-loop", "edge_loop", is_flag=True,
+              help="Run the edge's torch work on its event loop (EdgeClient(offload=False)) instead of a worker thread.")
 @click.option("--peer", type=click.Choice(PEERS), help="Also time this framework's request path (needs --peer-path).")
 @click.option("--peer-path", type=click.Path(file_okay=False, path_type=Path), callback=check_peer_path,
               help=f"Folder the peer framework is installed in ({PEER_INSTALL}).")
 def command(as_json: bool, out: Path | None, repeats: int, warmup: int, batch: int, channels: int, height: int,
-            width: int, budget: int | None, codec: str, threads: int, seed: int, peer: str | None,
+            width: int, budget: int | None, codec: str, threads: int, seed: int, edge_loop: bool, peer: str | None,
             peer_path: Path | None) -> None:
     """One split exchange of N x C x H x W activations: raw pyzmq, compute alone, and sparse-rt.
 
@@ -549,5 +550,5 @@ def command(as_json: bool, out: Path | None, repeats: int, warmup: int, batch: i
     if (peer is None) != (peer_path is None):
         raise click.UsageError("--peer and --peer-path go together: --peer sparse-framework --peer-path DIR "
                                f"(install with '{PEER_INSTALL}')")
-    emit(run_exchange((batch, channels, height, width), budget, codec, repeats, warmup, threads, seed, peer_path),
-         as_json, out, plot)
+    emit(run_exchange((batch, channels, height, width), budget, codec, repeats, warmup, threads, seed, peer_path,
+                      offload=not edge_loop), as_json, out, plot)
