@@ -41,11 +41,11 @@ log = logging.getLogger("sparse_rt.server")
 
 MAX_ERROR_TEXT = 2048
 
-# A message whose kind has recently taken less than this to answer is answered on the loop itself:
-# the trip to the worker thread and back costs more than a small step (bench exchange), and a
-# handshake arriving meanwhile waits at most about this long. Slower kinds go to the worker, so a
-# long step never holds up the reader.
-INLINE_STEP_MS = 2.0
+# A message whose kind has recently taken less than this to answer (decode, checks, chain, encode;
+# not counting the trip to a thread) is answered on the loop itself: a handshake arriving meanwhile
+# waits at most about this long. Slower kinds go to the worker thread, so a long step never holds
+# up the reader.
+INLINE_STEP_MS = 5.0
 
 
 def error_frames(request_id: int | None, code: str, text: str) -> list[Any]:
@@ -138,9 +138,8 @@ class SplitServer:
         loop = asyncio.get_running_loop()
         while True:
             route, frames, header, queued = await self._queue.get()
-            started = time.perf_counter()
             timer = StageTimer()
-            timer.ms["queue"] = (started - queued) * 1e3
+            timer.ms["queue"] = (time.perf_counter() - queued) * 1e3
             kind = header["kind"]
             if self._step_ms.get(kind, math.inf) < INLINE_STEP_MS:
                 answered, reply = self._process(route, frames, header, timer)
@@ -148,7 +147,7 @@ class SplitServer:
                 answered, reply = await loop.run_in_executor(self._executor, self._process, route, frames, header,
                                                              timer)
             if answered != "error":  # refusals are quick whatever the step costs: they must not teach it
-                self._learn(kind, (time.perf_counter() - started) * 1e3)
+                self._learn(kind, sum(ms for stage, ms in timer.ms.items() if stage != "queue"))
             await self.connection.send(reply, route)
 
     def _learn(self, kind: str, ms: float) -> None:
