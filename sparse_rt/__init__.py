@@ -26,8 +26,25 @@ _EXPORTS = {
     "EdgeClient": "sparse_rt.edge.client",
     "SyncEdgeClient": "sparse_rt.edge.client",
     "SplitPair": "sparse_rt.pair",
+    # the stage engine: compose a side from stages
+    "Stage": "sparse_rt.stages.base",
+    "StepContext": "sparse_rt.stages.base",
+    "Cut": "sparse_rt.stages.base",
+    "EdgeChain": "sparse_rt.stages.chain",
+    "ServerChain": "sparse_rt.stages.chain",
+    "HeadStage": "sparse_rt.stages.head",
+    "CompressorStage": "sparse_rt.stages.compressor",
+    "CodecStage": "sparse_rt.stages.codec",
+    "DecompressorStage": "sparse_rt.stages.decompressor",
+    "TailStage": "sparse_rt.stages.tail",
+    "OptimizerStage": "sparse_rt.stages.optimizer",
+    "Prefetcher": "sparse_rt.stages.source",
+    "edge_chain": "sparse_rt.assembly",
+    "server_chain": "sparse_rt.assembly",
     # wire
     "get_codec": "sparse_rt.wire.codecs",
+    "register_codec": "sparse_rt.wire.codecs",
+    "codec_names": "sparse_rt.wire.codecs",
     "CODEC_NAMES": "sparse_rt.wire.codecs",
     # errors
     "SparseRtError": "sparse_rt.errors",
@@ -54,6 +71,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # let type checkers and IDEs see the real names
+    from sparse_rt.assembly import edge_chain, server_chain
     from sparse_rt.config import RunConfig
     from sparse_rt.errors import ConfigError, DataError, RemoteError, SparseRtError, SplitError, WireError
     from sparse_rt.model.compression import Compressor, Decompressor, PruneLossWeights
@@ -64,4 +82,13 @@ if TYPE_CHECKING:  # let type checkers and IDEs see the real names
     from sparse_rt.train.local import run_local
     from sparse_rt.train.summary import RunSummary
     from sparse_rt.pair import SplitPair
-    from sparse_rt.wire.codecs import CODEC_NAMES, get_codec
+    from sparse_rt.stages.base import Cut, Stage, StepContext
+    from sparse_rt.stages.chain import EdgeChain, ServerChain
+    from sparse_rt.stages.codec import CodecStage
+    from sparse_rt.stages.compressor import CompressorStage
+    from sparse_rt.stages.decompressor import DecompressorStage
+    from sparse_rt.stages.head import HeadStage
+    from sparse_rt.stages.optimizer import OptimizerStage
+    from sparse_rt.stages.source import Prefetcher
+    from sparse_rt.stages.tail import TailStage
+    from sparse_rt.wire.codecs import CODEC_NAMES, codec_names, get_codec, register_codec
