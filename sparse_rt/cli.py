@@ -5,20 +5,47 @@ pipeline) ends as one line on stderr and exit code 2, without a traceback.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from sparse_rt.cli_options import options
 from sparse_rt.config import MODES, ROLES, TRANSPORTS, RunConfig
 from sparse_rt.errors import SparseRtError
-from sparse_rt.wire.codecs import CODEC_NAMES
+
+
+def _import_plugins(ctx: click.Context, param: click.Parameter, modules: tuple[str, ...]) -> tuple[str, ...]:
+    """Import each module before the command runs, so what it registers (a codec of one's own) is known."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise click.BadParameter(f"cannot import '{module}': {exc}", ctx, param) from None
+    return modules
+
+
+class CodecName(click.ParamType):
+    """A registered codec's name, checked when the option is read (after --import has run)."""
+
+    name = "codec"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from sparse_rt.wire.codecs import codec_names
+
+        if value not in codec_names():
+            self.fail(f"unknown codec '{value}'; registered: {', '.join(codec_names())} (a codec of your own: "
+                      f"sparse-rt --import MODULE ...)", param, ctx)
+        return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sparse-rt")
+@click.option("--import", "imports", multiple=True, metavar="MODULE", callback=_import_plugins, is_eager=True,
+              expose_value=False, help="Import MODULE first (repeatable), e.g. one that registers a codec of your own.")
 def cli() -> None:
     """Split computing for PyTorch: the head of a model on an edge device, the
     tail on a server, and only the learned best channels on the network."""
@@ -52,8 +79,8 @@ def _print_summary(summary) -> None:
 
 # What every split training command takes: `run`, `train ...` and `experiment ...`.
 _training_options = options(
-    click.option("--codec", type=click.Choice(CODEC_NAMES), default="fp32", show_default=True,
-                 help="How sent values are packed: fp32, fp16, or int8 with a scale per channel."),
+    click.option("--codec", type=CodecName(), default="fp32", show_default=True,
+                 help="How sent values are packed: fp32, fp16, int8 with a scale per channel, or a registered one."),
     click.option("--lz4", is_flag=True, help="Compress the packed channels with lz4 (frame format)."),
     click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                  help="Your own data: an .npz with x, y (or x_train, y_train, x_test, y_test)."),
@@ -269,7 +296,7 @@ def _edges_table(combined: dict) -> str:
 @click.option("--mode", type=click.Choice(MODES), help="Edge: train the head, or only infer.  [default: train]")
 @click.option("--budget", type=click.IntRange(min=1), help="Edge: channels sent per sample (B). Default: all.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Edge: training epochs. Default: the pipeline's.")
-@click.option("--codec", type=click.Choice(CODEC_NAMES), help="Edge: fp32, fp16 or int8.  [default: fp32]")
+@click.option("--codec", type=CodecName(), help="Edge: fp32, fp16, int8 or a registered codec.  [default: fp32]")
 @click.option("--lz4/--no-lz4", default=None, help="Edge: lz4 on top of the codec.")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Edge: your own .npz data instead of the pipeline's.")
@@ -340,8 +367,6 @@ class _SuiteGroup(click.Group):
         return list(SUITES)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        import importlib
-
         from sparse_rt.bench import SUITES
 
         if name not in SUITES:

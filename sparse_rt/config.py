@@ -9,7 +9,7 @@ from typing import Any
 from sparse_rt.errors import ConfigError
 from sparse_rt.pipeline import Pipeline, TrainingSettings
 from sparse_rt.train.schedules import deprune, parse_phases
-from sparse_rt.wire.codecs import CODEC_NAMES
+from sparse_rt.wire.codecs import codec_names
 from sparse_rt.wire.header import MAX_CHANNELS
 
 TRANSPORTS = ("inproc", "ipc")
@@ -34,8 +34,8 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.codec not in CODEC_NAMES:
-            raise ConfigError(f"unknown codec '{self.codec}'; expected one of {', '.join(CODEC_NAMES)}")
+        if self.codec not in codec_names():
+            raise ConfigError(f"unknown codec '{self.codec}'; expected one of {', '.join(codec_names())}")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"unknown transport '{self.transport}'; expected one of {', '.join(TRANSPORTS)}")
         for name in ("budget", "epochs", "batch_size"):

@@ -95,3 +95,28 @@ def test_help_lists_every_option():
     assert done.returncode == 0
     for option in ("--budget", "--epochs", "--codec", "--lz4", "--data", "--seed", "--json"):
         assert option in done.stdout
+
+
+def test_import_makes_a_codec_of_ones_own_usable_from_the_command_line(tmp_path, monkeypatch, capsys):
+    from sparse_rt.wire import codecs
+
+    monkeypatch.setattr(codecs, "_REGISTRY", dict(codecs._REGISTRY))  # this test's registrations stay in it
+    (tmp_path / "cli_codec_plugin.py").write_text(
+        "from sparse_rt.wire.codecs import Fp32, register_codec\n\n"
+        "@register_codec\nclass Plain(Fp32):\n    name = 'plaintest'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as refused:
+        main(["run", "digits_cnn", "--codec", "plaintest", "--epochs", "1"])
+    assert refused.value.code == 2 and "unknown codec 'plaintest'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ran:
+        main(["--import", "cli_codec_plugin", "run", "digits_cnn", "--codec", "plaintest", "--epochs", "1", "--json"])
+    assert ran.value.code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["codec"] == "plaintest" and summary["test_accuracy"] > 0.5
+
+
+def test_an_unimportable_plugin_is_one_line_and_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--import", "no_such_plugin_module", "pipelines"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "cannot import 'no_such_plugin_module'" in err and "Traceback" not in err
