@@ -243,8 +243,10 @@ class Compressor(nn.Module):
 
     def select(self) -> torch.Tensor:
         """The channels to send for the next batch (ascending indices, exactly ``budget``)."""
+        if self._budget == self.channels:
+            return torch.arange(self.channels)
         scores = self.filter_logits.detach()
-        if self.training and self._budget < self.channels:
+        if self.training:
             temperature = self.schedule.temperature()
             self.schedule.advance()
             if temperature > 0:
@@ -256,7 +258,9 @@ class Compressor(nn.Module):
         reduced = self.reduce(x)
         indices = self.select().to(reduced.device)
         f = self.filter_values()[indices]
-        return reduced.index_select(1, indices) * f.view(1, -1, 1, 1), indices
+        if len(indices) < self.channels:  # at full budget the indices are every channel in order: no gather
+            reduced = reduced.index_select(1, indices)
+        return reduced * f.view(1, -1, 1, 1), indices
 
     def prune_loss(self) -> torch.Tensor:
         return prune_loss(self.filter_values(), self._budget, self.weights)
@@ -288,9 +292,11 @@ class Decompressor(nn.Module):
             self.norm = nn.BatchNorm2d(channels)
 
     def forward(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        batch = values.shape[0]
-        full = values.new_zeros(batch, self.channels, *values.shape[2:])
-        full = full.index_copy(1, indices.to(values.device), values)
+        if values.shape[1] == self.channels:  # every channel, in order (indices are strictly ascending): no scatter
+            full = values
+        else:
+            full = values.new_zeros(values.shape[0], self.channels, *values.shape[2:])
+            full.index_copy_(1, indices.to(values.device), values)
         if self.restore is not None:
             full = self.norm(self.restore(full, output_size=list(self.size)))
         return full
