@@ -65,7 +65,7 @@ class Audit(Stage):
 
     def forward(self, cut: Cut, ctx: StepContext) -> Cut:
         record = self.sessions.setdefault(ctx.session or "", SessionAudit())
-        values = cut.values
+        values = cut.values.detach()  # read only: the audit is not part of the graph
         abs_max = float(values.abs().amax()) if values.numel() else 0.0
         mean = float(values.mean()) if values.numel() else 0.0
         ctx.meta["audit"] = {"mean": mean, "abs_max": abs_max}

@@ -6,14 +6,15 @@ model, and a test can rebuild either half exactly.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from sparse_rt.model.sides import CutShape, EdgeModel, ServerModel, build_sides
 from sparse_rt.pipeline import Pipeline
-from sparse_rt.stages.chain import EdgeChain, OptimizerLike, ServerChain
+from sparse_rt.stages.chain import EdgeChain, OptimizerLike, ServerChain, collect_modules
 from sparse_rt.stages.codec import CodecStage
 from sparse_rt.stages.compressor import CompressorStage
 from sparse_rt.stages.decompressor import DecompressorStage
@@ -46,11 +47,23 @@ def edge_chain(model: EdgeModel, optimizer: OptimizerLike, *, stages: Sequence[A
 
 def server_chain(model: ServerModel, optimizer: torch.optim.Optimizer | None, *, stages: Sequence[Any] = (),
                  loss_fn: LossFn = F.cross_entropy) -> ServerChain:
-    """``stages`` -> decompressor -> tail (+ loss) -> optimizer; without an optimizer it serves inference only."""
+    """``stages`` -> decompressor -> tail (+ loss) -> optimizer; without an optimizer it serves inference only.
+
+    The optimizer also steps the parameters of ``stages`` (a group of their
+    own at its defaults), so a trainable stage of one's own is trained with the tail.
+    """
     chain: list[Any] = [*stages, DecompressorStage(model.decompressor), TailStage(model.tail, loss_fn)]
     if optimizer is not None:
+        _add_missing_parameters(optimizer, collect_modules(stages).parameters())
         chain.append(OptimizerStage(optimizer))
     return ServerChain(chain)
+
+
+def _add_missing_parameters(optimizer: torch.optim.Optimizer, parameters: Iterator[nn.Parameter]) -> None:
+    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [p for p in parameters if id(p) not in known]
+    if missing:
+        optimizer.add_param_group({"params": missing})
 
 
 def largest_frame(cut: CutShape, max_batch: int) -> int:

@@ -3,12 +3,12 @@
 A reader task takes messages off the socket in arrival order. Handshakes are
 answered at once, on the loop; tensor messages go through a bounded queue to
 one worker that runs decode, the session checks (sessions.py), the chain
-(decompressor -> tail -> optimizer, with any stages of your own before
-them) and encode, so steps are applied in arrival order. Kinds of message
-that take long run in a worker thread, so the loop stays free for sockets;
-those that take less than a thread hop is worth run on the loop. When the queue is full the reader stops
-reading: ZeroMQ's own buffers fill and the edges slow down, instead of the
-server's memory growing.
+(your stages -> decompressor -> tail -> optimizer) and encode, so steps are
+applied in arrival order. A message predicted to take long runs in a worker
+thread, so the loop stays free for sockets; one predicted to take less than
+the trip to that thread is worth runs on the loop itself. When the queue is
+full the reader stops reading: ZeroMQ's own buffers fill and the edges slow
+down, instead of the server's memory growing.
 
 Every bad message gets an error reply naming the problem and a log line;
 nothing a peer sends can stop the server.
@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import zmq
 
@@ -41,10 +41,10 @@ log = logging.getLogger("sparse_rt.server")
 
 MAX_ERROR_TEXT = 2048
 
-# A message whose kind has recently taken less than this to answer (decode, checks, chain, encode;
-# not counting the trip to a thread) is answered on the loop itself: a handshake arriving meanwhile
-# waits at most about this long. Slower kinds go to the worker thread, so a long step never holds
-# up the reader.
+# A message predicted to take less than this to answer (decode, checks, chain, encode; not the trip
+# to a thread), from its kind's recent cost per byte and its own size, is answered on the loop
+# itself: a handshake arriving meanwhile waits at most about this long. Others go to the worker
+# thread, so a long step never holds up the reader.
 INLINE_STEP_MS = 5.0
 
 
@@ -73,13 +73,14 @@ class SplitServer:
         self.model_set = model_set
         resolution = int(getattr(chain.decompressor.module, "resolution", 0))
         self.table = SessionTable(ServedCut(pipeline, cut, num_classes, resolution,
-                                            None if model_set is None else frozenset(model_set)))
+                                            None if model_set is None else frozenset(model_set),
+                                            trains=chain.trains and model_set is None))
         self.connection = connection
         self.metrics = metrics or MetricsLog(None)
-        self.after_step = after_step  # called in the worker thread with the count of applied steps
+        self.after_step = after_step  # called in the worker thread, after the reply, with the count of applied steps
         self._queue: asyncio.Queue[tuple[bytes, list[zmq.Frame], dict[str, Any], float]] = asyncio.Queue(queue_size)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
-        self._step_ms: dict[str, float] = {}  # per kind: a running estimate of the time to answer (ms)
+        self._ms_per_byte: dict[str, float] = {}  # per kind: a running estimate of ms per byte received
 
     @property
     def stats(self) -> ServerStats:
@@ -92,18 +93,28 @@ class SplitServer:
     async def serve(self) -> None:
         """Run until cancelled."""
         worker = asyncio.create_task(self._work(), name="tail worker")
+        reader = asyncio.create_task(self._read(), name="reader")
         try:
-            while True:
-                route, frames = await self.connection.recv()
-                try:
-                    await self._dispatch(route, frames)
-                except Exception:  # a bug must not stop the reader, and with it every edge
-                    self.stats.errors += 1
-                    log.exception("failed to dispatch a message from %s", route.hex())
-                    await self.connection.send(error_frames(None, "internal", "server error while reading"), route)
+            # Either ending is the end of serving: a worker that died (a bug) must not leave a reader that
+            # fills the queue and then hangs every edge.
+            done, _ = await asyncio.wait({worker, reader}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
         finally:
             worker.cancel()
+            reader.cancel()
+            await asyncio.gather(worker, reader, return_exceptions=True)
             self._executor.shutdown(wait=True)
+
+    async def _read(self) -> None:
+        while True:
+            route, frames = await self.connection.recv()
+            try:
+                await self._dispatch(route, frames)
+            except Exception:  # a bug must not stop the reader, and with it every edge
+                self.stats.errors += 1
+                log.exception("failed to dispatch a message from %s", route.hex())
+                await self.connection.send(error_frames(None, "internal", "server error while reading"), route)
 
     async def _dispatch(self, route: bytes, frames: list[zmq.Frame]) -> None:
         try:
@@ -140,32 +151,41 @@ class SplitServer:
             route, frames, header, queued = await self._queue.get()
             timer = StageTimer()
             timer.ms["queue"] = (time.perf_counter() - queued) * 1e3
-            kind = header["kind"]
-            if self._step_ms.get(kind, math.inf) < INLINE_STEP_MS:
-                answered, reply = self._process(route, frames, header, timer)
+            kind, size, applied = header["kind"], frame_bytes(frames), self.stats.steps_applied
+            if self._ms_per_byte.get(kind, math.inf) * size < INLINE_STEP_MS:
+                answer = self._process(route, frames, header, timer)
             else:
-                answered, reply = await loop.run_in_executor(self._executor, self._process, route, frames, header,
-                                                             timer)
-            if answered != "error":  # refusals are quick whatever the step costs: they must not teach it
-                self._learn(kind, sum(ms for stage, ms in timer.ms.items() if stage != "queue"))
-            await self.connection.send(reply, route)
+                answer = await loop.run_in_executor(self._executor, self._process, route, frames, header, timer)
+            if answer.computed:  # refusals and resent steps are quick whatever a step costs: they must not teach it
+                self._learn(kind, size, sum(ms for stage, ms in timer.ms.items() if stage != "queue"))
+            await self.connection.send(answer.frames, route)
+            if self.after_step is not None and self.stats.steps_applied != applied:
+                # e.g. a checkpoint save: off the loop, and before the next step changes the tail
+                try:
+                    await loop.run_in_executor(self._executor, self.after_step, self.stats.steps_applied)
+                except Exception:  # the step is applied and answered; a failed save must not stop serving
+                    log.exception("after step %d: the after-step hook failed; serving goes on",
+                                  self.stats.steps_applied)
 
-    def _learn(self, kind: str, ms: float) -> None:
-        """Track how long each kind takes (an exponential average that forgets in a few messages)."""
-        previous = self._step_ms.get(kind)
-        self._step_ms[kind] = ms if previous is None else 0.8 * previous + 0.2 * ms
+    def _learn(self, kind: str, size: int, ms: float) -> None:
+        """Track each kind's cost per byte received (an exponential average that forgets in a few messages).
 
-    def _process(self, route: bytes, frames: list[zmq.Frame], header: dict[str, Any],
-                 timer: StageTimer) -> tuple[str, list[Any]]:
-        """Answer one message and record it: (the reply's kind, its frames)."""
-        kind, request_id, reply = self._answer(route, frames, header, timer)
-        self.metrics.record(timer, kind=kind, id=request_id, route=route.hex(), bytes_in=frame_bytes(frames),
-                            bytes_out=frame_bytes(reply))
-        return kind, reply
+        Per byte, so a peer cannot make a large step look cheap with small ones:
+        the prediction for each message scales with its own size.
+        """
+        rate = ms / max(size, 1)
+        previous = self._ms_per_byte.get(kind)
+        self._ms_per_byte[kind] = rate if previous is None else 0.8 * previous + 0.2 * rate
 
-    def _answer(self, route: bytes, frames: list[zmq.Frame], header: dict[str, Any],
-                timer: StageTimer) -> tuple[str, int | None, list[Any]]:
-        """Decode, check against the session, run the chain, encode: (reply kind, request id, reply frames)."""
+    def _process(self, route: bytes, frames: list[zmq.Frame], header: dict[str, Any], timer: StageTimer) -> Answer:
+        """Answer one message and record it."""
+        answer = self._answer(route, frames, header, timer)
+        self.metrics.record(timer, kind=answer.kind, id=answer.request_id, route=route.hex(),
+                            bytes_in=frame_bytes(frames), bytes_out=frame_bytes(answer.frames))
+        return answer
+
+    def _answer(self, route: bytes, frames: list[zmq.Frame], header: dict[str, Any], timer: StageTimer) -> Answer:
+        """Decode, check against the session, run the chain, encode."""
         request_id = None
         try:
             with timer.stage("decode"):
@@ -174,34 +194,43 @@ class SplitServer:
             if not isinstance(message, Activations):
                 raise WireError(f"a server does not accept '{type(message).__name__}' messages", "bad_kind")
             with timer.stage("tail"):
-                reply = self._apply(route, message, timer)
+                reply, computed = self._apply(route, message, timer)
             with timer.stage("encode"):
-                return ("grad" if isinstance(reply, Gradients) else "pred"), request_id, encode_message(reply)
+                return Answer("grad" if isinstance(reply, Gradients) else "pred", request_id, encode_message(reply),
+                              computed)
         except WireError as exc:
             self.stats.errors += 1
             log.warning("refused a message from %s: %s", route.hex(), exc)
-            return "error", request_id, error_frames(exc.request_id or request_id, exc.code, str(exc))
+            return Answer("error", request_id, error_frames(exc.request_id or request_id, exc.code, str(exc)))
         except Exception as exc:  # a bug must not take down everyone's server
             self.stats.errors += 1
             log.exception("failed on a message from %s", route.hex())
-            return "error", request_id, error_frames(request_id, "internal",
-                                                     f"server error: {type(exc).__name__}: {exc}")
+            return Answer("error", request_id, error_frames(request_id, "internal",
+                                                            f"server error: {type(exc).__name__}: {exc}"))
 
-    def _apply(self, route: bytes, message: Activations, timer: StageTimer) -> Message:
+    def _apply(self, route: bytes, message: Activations, timer: StageTimer) -> tuple[Message, bool]:
+        """The reply, and whether the chain ran for it (False: a resent step answered from its stored reply)."""
         session = self.table.session_for(route, message)
         ctx = StepContext(message.kind, message.labels, message.step, session.id, message.lr_scale, timer)
         cut = Cut(message.values, message.indices)
         if message.labels is None:
             self.stats.inferences += 1
             chain = self.chain if self.model_set is None else self.model_set[message.values.shape[1]]
-            return Predictions(message.id, session.id, chain.forward(cut, ctx))
+            return Predictions(message.id, session.id, chain.forward(cut, ctx)), True
         stored = self.table.replay(session, message)
         if stored is not None:
-            return stored
+            return stored, False
         grad = self.chain.forward(cut, ctx)
         reply = Gradients(message.id, session.id, message.step, session.grad_codec, session.grad_lz4,
                           message.indices, grad, ctx.meta["loss"])
         self.table.applied(session, message.step, reply)
-        if self.after_step is not None:
-            self.after_step(self.stats.steps_applied)
-        return reply
+        return reply, True
+
+
+class Answer(NamedTuple):
+    """What the worker made of one message: the reply's kind and frames, and whether the chain ran for it."""
+
+    kind: str
+    request_id: int | None
+    frames: list[Any]
+    computed: bool = False

@@ -15,7 +15,7 @@ from typing import Any
 
 from sparse_rt.errors import WireError
 from sparse_rt.model.sides import CutShape
-from sparse_rt.wire.codecs import codec_names
+from sparse_rt.wire.codecs import codec_names, get_codec
 from sparse_rt.wire.messages import Activations, Hello
 
 log = logging.getLogger("sparse_rt.server")
@@ -55,6 +55,7 @@ class ServedCut:
     num_classes: int
     resolution: int
     budgets: frozenset[int] | None = None  # a model set's budgets (inference only); None = any up to C
+    trains: bool = True  # False: a chain without an optimizer, which refuses training sessions
 
     def held(self) -> str:
         return ", ".join(str(budget) for budget in sorted(self.budgets or ()))
@@ -99,9 +100,17 @@ class SessionTable:
         if hello.resolution != served.resolution:
             return (f"this server restores resolution r={served.resolution}, the edge compresses with "
                     f"r={hello.resolution}")
-        for codec in (hello.codec, hello.grad_codec):
-            if codec is not None and codec not in codec_names():
+        if hello.mode == "train" and not served.trains:
+            return "this server serves inference only"
+        for codec, lz4 in ((hello.codec, hello.lz4), (hello.grad_codec, hello.grad_lz4)):
+            if codec is None:
+                continue
+            if codec not in codec_names():
                 return f"unknown codec '{codec}'; this server knows {', '.join(codec_names())}"
+            try:
+                get_codec(codec, bool(hello.lz4 if lz4 is None else lz4))
+            except ValueError as exc:  # e.g. lz4 around a codec of variable size
+                return str(exc)
         return None
 
     def session_for(self, route: bytes, message: Activations) -> Session:

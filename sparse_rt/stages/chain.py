@@ -49,7 +49,7 @@ def _module_of(stage: Any) -> nn.Module | None:
     return module if isinstance(module, nn.Module) else None
 
 
-def _collect(stages: Sequence[Any]) -> nn.ModuleDict:
+def collect_modules(stages: Sequence[Any]) -> nn.ModuleDict:
     modules = nn.ModuleDict()
     for index, stage in enumerate(stages):
         module = _module_of(stage)
@@ -63,16 +63,13 @@ def _collect(stages: Sequence[Any]) -> nn.ModuleDict:
 
 
 class _Modes:
-    """Puts a chain's modules in train or eval mode, only when the kind of step changes."""
+    """Puts a chain's modules in train or eval mode for each step, whatever mode a caller left them in."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.training: bool | None = None
 
     def __call__(self, training: bool) -> contextlib.AbstractContextManager[Any]:
-        if training != self.training:
-            self.module.train(training)
-            self.training = training
+        self.module.train(training)  # every step: a caller's own .eval() of one stage must not outlive its use
         return contextlib.nullcontext() if training else torch.inference_mode()
 
 
@@ -96,7 +93,7 @@ class EdgeChain:
         self.codec: CodecStage = codecs[0] if codecs else CodecStage()
         self.codec.channels = int(getattr(self.compressor.module, "channels", self.codec.channels))
         self.transport: TransportStage | None = transports[0] if transports else None
-        self.module = _collect(self.local)
+        self.module = collect_modules(self.local)
         if optimizer is None:
             optimizer = torch.optim.Adam
         if not isinstance(optimizer, (OptimizerStage, torch.optim.Optimizer)):
@@ -162,7 +159,7 @@ class ServerChain:
             raise ConfigError("a server chain has at most one OptimizerStage, and it comes last")
         self.decompressor: DecompressorStage = decompressors[0]
         self.optimizer: OptimizerStage | None = optimizers[0] if optimizers else None
-        self.module = _collect(self.stages)
+        self.module = collect_modules(self.stages)
         self._modes = _Modes(self.module)
 
     @property
@@ -170,11 +167,26 @@ class ServerChain:
         return self.optimizer is not None
 
     def forward(self, cut: Cut, ctx: StepContext) -> torch.Tensor:
-        """The logits (inference) or, after the optimizer's step, the gradient of the received values (training)."""
+        """The logits (inference) or, after the optimizer's step, the gradient of the received values (training).
+
+        In training the received values become the graph's leaf before the
+        first stage, so stages of one's own before the decompressor are
+        trained too and the edge's gradient is that leaf's ``grad``.
+        """
+        if ctx.training:
+            values = cut.values.detach().requires_grad_(True)
+            ctx.meta["received"] = values
+            cut = Cut(values, cut.indices)
         with self._modes(ctx.training):
             x: Any = cut
-            for stage in self.stages:
+            for index, stage in enumerate(self.stages):
                 x = call_stage(stage, x, ctx)
+                if ctx.answers is not None and ctx.training:
+                    raise ConfigError(f"stage '{_stage_name(stage, index)}' answered rows of a training step on the "
+                                      "server; a server stage may answer rows only in inference (the edge "
+                                      "needs a gradient for every row it sent)")
+                if ctx.finished:
+                    return ctx.merge(None)
         if ctx.training:
             return ctx.meta["received"].grad
-        return x
+        return ctx.merge(x)

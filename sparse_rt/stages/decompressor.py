@@ -1,8 +1,8 @@
 """Decompressor stage (server): the received channels back into C feature maps at the cut's resolution.
 
-In training the received values become a leaf that requires grad, so the
-gradient the edge needs (of exactly the channels it sent) is that leaf's
-``grad`` after the optimizer stage's backward.
+In training the chain makes the received values a leaf that requires grad
+(ServerChain.forward), so the gradient the edge needs, of exactly the
+channels it sent, is that leaf's ``grad`` after the optimizer's backward.
 """
 from __future__ import annotations
 
@@ -21,8 +21,4 @@ class DecompressorStage(Stage):
         self.module = module
 
     def forward(self, cut: Cut, ctx: StepContext) -> torch.Tensor:
-        values = cut.values
-        if ctx.training:
-            values = values.detach().requires_grad_(True)
-            ctx.meta["received"] = values
-        return self.module(values, cut.indices)
+        return self.module(cut.values, cut.indices)

@@ -178,7 +178,11 @@ def _values(fields: dict[str, Any], frame: Any) -> torch.Tensor:
     shape = tuple(fields["shape"])
     if fields["codec"] not in codec_names():
         raise WireError(f"unknown codec {fields['codec']!r}; expected one of {', '.join(codec_names())}", "bad_codec")
-    return get_codec(fields["codec"], fields["lz4"]).decode(frame, shape)
+    try:
+        codec = get_codec(fields["codec"], fields["lz4"])
+    except ValueError as exc:  # a combination the registry cannot build, e.g. lz4 around a variable-size codec
+        raise WireError(str(exc), "bad_codec") from None
+    return codec.decode(frame, shape)
 
 
 def _decode_body(fields: dict[str, Any], frames: Sequence[Any]) -> Message:
