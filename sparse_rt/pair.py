@@ -119,9 +119,8 @@ class SplitPair:
                            stages=edge_stages, codec=codec, lz4=lz4, grad_codec=grad_codec)
         self.link = RequestLink(connect_dealer(self._context, self.address, shaper=shaper), self.address,
                                 request_timeout)
-        self.edge = EdgeSession(chain, self.link,
-                                SessionSettings(name, self.cut.channels, self.budget, codec, lz4,
-                                                resolution=resolution, grad_codec=grad_codec), offload=offload)
+        self.edge = EdgeSession(chain, self.link, SessionSettings.of_chain(chain, name, resolution=resolution),
+                                offload=offload)
         self._serving: asyncio.Task[None] | None = None
 
     @classmethod

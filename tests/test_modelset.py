@@ -48,6 +48,8 @@ async def test_each_budget_is_served_by_its_own_model_without_reconnecting(model
             edge.set_budget(budget)
             assert await _accuracy(edge) == pytest.approx(recorded[budget], abs=1e-9)
             assert edge.session.session_id == session
+            assert edge.settings.budget == edge.session.settings.budget == budget  # what a reconnect proposes
+            assert edge.optimizer is edge.chain.optimizer.optimizer
         with pytest.raises(ConfigError, match="holds 2, 8, 32"):
             edge.set_budget(16)
 

@@ -109,3 +109,40 @@ async def test_a_batch_answered_whole_on_the_edge_sends_nothing_but_still_trains
         assert any(not torch.equal(a, b) for a, b in zip(before, stage.parameters()))
         with torch.no_grad():
             assert torch.allclose(logits, stage.classifier(pair.edge_model.head(x)), atol=1e-6)
+
+
+class AnswerSome(Stage):
+    """Answers every row of odd batches and the first half of even ones itself (constant logits)."""
+
+    name = "some"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def forward(self, x, ctx: StepContext):
+        self.calls += 1
+        done = torch.arange(len(x)) < (len(x) if self.calls % 2 == 0 else len(x) // 2)
+        ctx.answer(done, torch.zeros(int(done.sum()), 10), len(x))
+        return x[~done]
+
+
+async def test_the_epoch_loss_is_over_the_rows_the_server_trained_on():
+    from sparse_rt.train.loop import train
+    from sparse_rt.train.schedules import fixed
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, *digits.input_shape), torch.randint(0, 10, (32,))
+    loader = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
+    losses = []
+    async with sparse_rt.SplitPair.for_pipeline(digits, budget=4, edge_stages=[AnswerSome()]) as pair:
+        original = pair.session.train_step
+
+        async def step(x, y, data_ms=None):
+            losses.append((await original(x, y, data_ms), pair.session.rows_sent))
+            return losses[-1][0]
+
+        pair.session.train_step = step
+        result = await train(pair.session, loader, fixed(4, 1), samples_per_epoch=32, progress=False)
+    assert [rows for _, rows in losses] == [4, 0, 4, 0]
+    assert math.isnan(losses[1][0]) and math.isnan(losses[3][0])  # nothing sent: no server loss
+    assert result.loss == pytest.approx((losses[0][0] + losses[2][0]) / 2)  # over the rows the server got

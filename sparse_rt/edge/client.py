@@ -10,6 +10,7 @@ edge`) is built on EdgeClient, so apps and nodes share one code path.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from pathlib import Path
 from collections.abc import AsyncIterable, AsyncIterator
@@ -80,8 +81,7 @@ class EdgeClient:
         self.chain = edge_chain(self.edge_model, self._optimizer, stages=self._stages, **self._codecs)
         self.optimizer = self.chain.optimizer.optimizer
         self.resumed = checkpoint.restore(self.chain.module, self.optimizer) if checkpoint is not None else {}
-        self.settings = SessionSettings(self.pipeline.name, self.cut.channels, self.edge_model.compressor.budget,
-                                        codec, lz4, mode, resolution, grad_codec)
+        self.settings = SessionSettings.of_chain(self.chain, self.pipeline.name, mode, resolution)
         self._timeout, self._retries, self._metrics_path, self._offload = timeout, retries, metrics, offload
         self._socket_options = tuple(socket_options)  # applied before connecting (e.g. CURVE keys)
         self._context: zmq.asyncio.Context | None = None
@@ -127,8 +127,11 @@ class EdgeClient:
         """Send ``budget`` channels from now on, with the model set's head for that budget."""
         self.edge_model = self._head_for(budget)
         self.chain = edge_chain(self.edge_model, self._optimizer, stages=self._stages, **self._codecs)
+        self.optimizer = self.chain.optimizer.optimizer
+        self.settings = dataclasses.replace(self.settings, budget=budget)  # what a new handshake would propose
         if self.session is not None:
             self.session.chain = self.chain
+            self.session.protocol.settings = self.settings
 
     async def infer(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output (logits) for ``x``: head here, tail on the server."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_rt.stages.base import Kind, StepContext
+from sparse_rt.stages.chain import EdgeChain
 from sparse_rt.wire.messages import Hello, Welcome
 
 
@@ -28,6 +29,17 @@ class SessionSettings:
     resolution: int = 0
     grad_codec: str | None = None  # the gradients' codec, if not the activations'
     grad_lz4: bool | None = None
+
+    @classmethod
+    def of_chain(cls, chain: EdgeChain, pipeline: str, mode: str = "train", resolution: int = 0) -> "SessionSettings":
+        """What the chain will send: its cut's channels, its compressor's budget, its codec stage's choices.
+
+        Read from the stages themselves, so the handshake cannot promise one codec while the chain sends another.
+        """
+        up, down = chain.codec.up, chain.codec.down
+        same = (down.name, down.lz4) == (up.name, up.lz4)
+        return cls(pipeline, chain.codec.channels, chain.budget, up.name, up.lz4, mode, resolution,
+                   None if same else down.name, None if same else down.lz4)
 
 
 class EdgeProtocol:

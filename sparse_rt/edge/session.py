@@ -51,6 +51,7 @@ class EdgeSession:
         self.transport = chain.transport or TransportStage(link)
         self.protocol = EdgeProtocol(settings)
         self.metrics = metrics or MetricsLog(None)
+        self.rows_sent = 0  # rows of the last training step that reached the server (its loss is over them)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head") if offload else None
 
     @property
@@ -109,15 +110,19 @@ class EdgeSession:
         return await self._local(self.chain.backward, reply, ctx), up, down
 
     async def train_step(self, x: torch.Tensor, y: torch.Tensor, data_ms: float | None = None) -> float:
-        """One split-learning step; returns the server's task loss for the batch.
+        """One split-learning step; returns the server's task loss for the rows it got.
 
-        ``data_ms``, the time the step waited for its batch (the source's), goes into its metrics record.
+        That is NaN when the edge's own stages answered every row (nothing
+        was sent); :attr:`rows_sent` says how many rows the loss is over.
+        ``data_ms``, the time the step waited for its batch (the source's),
+        goes into its metrics record.
         """
         request_id = self.link.next_id()
         ctx = self.protocol.context("train", request_id, y, self.chain.optimizer.lr_scale.scale)
         if data_ms is not None:
             ctx.timer.ms["data"] = data_ms
         _, bytes_up, bytes_down = await self._run(x, ctx)
+        self.rows_sent = len(ctx.labels) if bytes_up and ctx.labels is not None else 0
         loss = ctx.meta.get("loss", math.nan)
         self.metrics.record(ctx.timer, kind="train", id=request_id, step=ctx.step, samples=len(y), loss=loss,
                             bytes_up=bytes_up, bytes_down=bytes_down)

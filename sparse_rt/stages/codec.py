@@ -64,9 +64,12 @@ class CodecStage(Stage):
         """The reply as a tensor: the gradient of the sent channels in training, the logits in inference."""
         header, frames = reply
         message = decode_reply(header, frames, Gradients if ctx.training else Predictions)
-        if isinstance(message, Predictions):
-            return message.logits
         cut: Cut = ctx.meta["cut"]
+        if isinstance(message, Predictions):
+            if message.logits.shape[0] != cut.values.shape[0]:
+                raise WireError(f"the prediction has {message.logits.shape[0]} rows for the {cut.values.shape[0]} "
+                                "sent", "bad_reply")
+            return message.logits
         if not torch.equal(message.indices, cut.indices) or message.values.shape != cut.values.shape:
             raise WireError("the gradient reply does not match the channels sent", "bad_reply")
         if (message.codec, message.lz4) != (self.down.name, self.down.lz4):

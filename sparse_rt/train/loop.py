@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -53,13 +54,14 @@ async def train(session: EdgeSession, loader: Iterable[Batch], plan: list[EpochP
                     result.stopped = True
                     return result
                 loss = await session.train_step(x, y, data_ms=source.last_wait_ms)
-                total, count = total + loss * len(y), count + len(y)
+                if session.rows_sent:  # rows answered on the edge carry no server loss
+                    total, count = total + loss * session.rows_sent, count + session.rows_sent
                 bar.update(len(y))
                 bar.set_postfix(epoch=f"{epoch.epoch + 1}/{len(plan)}", B=epoch.budget, loss=f"{loss:.3f}",
                                 refresh=False)
                 if after_step is not None:
                     after_step(session.steps, epoch.epoch)
-            result.loss, result.epochs_done = total / max(count, 1), epoch.epoch + 1
+            result.loss, result.epochs_done = (total / count if count else math.nan), epoch.epoch + 1
             log.info("epoch %d/%d (budget %d): loss %.4f, %d steps", epoch.epoch + 1, len(plan), epoch.budget,
                      result.loss, session.steps)
             if on_epoch_end is not None:
