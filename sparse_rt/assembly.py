@@ -67,8 +67,18 @@ def _add_missing_parameters(optimizer: torch.optim.Optimizer, parameters: Iterat
 
 
 def largest_frame(cut: CutShape, max_batch: int) -> int:
-    """Bytes of the largest legal frame: fp32 data for max_batch samples of all C channels, plus lz4's worst case."""
-    from sparse_rt.wire.codecs import get_codec
+    """Bytes of the largest legal frame: max_batch samples of all C channels in the largest registered codec.
+
+    Read when the server starts, after ``--import`` has registered codecs of one's own.
+    """
+    from sparse_rt.wire.codecs import codec_names, get_codec
 
     shape = (max_batch, cut.channels, cut.sent_height, cut.sent_width)
-    return get_codec("fp32", lz4=True).max_packed_size(shape)
+    sizes = []
+    for name in codec_names():
+        for lz4 in (False, True):
+            try:
+                sizes.append(get_codec(name, lz4).max_packed_size(shape))
+            except ValueError:  # lz4 does not wrap this codec
+                pass
+    return max(sizes)

@@ -130,3 +130,14 @@ def test_filter_learns_which_channels_carry_the_label(seed):
     chosen, informative, accuracy = _learn_filter(seed)
     assert chosen == informative
     assert accuracy > 0.95
+
+
+def test_a_constant_exploration_set_by_the_user_survives_a_budget_change():
+    compressor = Compressor(32, 4)
+    assert not compressor.schedule.is_constant  # the default anneal
+    compressor.exploration = 0.5
+    compressor.budget = 8
+    assert compressor.exploration == 0.5 and compressor.schedule.is_constant
+    compressor.exploration = 0.0
+    compressor.budget = 2
+    assert compressor.exploration == 0.0

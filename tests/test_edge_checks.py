@@ -65,3 +65,27 @@ async def test_a_prediction_with_other_rows_than_were_sent_is_refused(tmp_path):
         router.close(linger=0)
         context.term()
 
+
+
+def test_a_chain_whose_transport_uses_another_link_is_refused(tmp_path):
+    from sparse_rt.edge.session import EdgeSession
+    from sparse_rt.errors import ConfigError
+    from sparse_rt.stages.chain import EdgeChain
+    from sparse_rt.stages.compressor import CompressorStage
+    from sparse_rt.stages.transport import TransportStage
+    from sparse_rt.transport.connection import connect_dealer
+    from sparse_rt.transport.link import RequestLink
+
+    context = zmq.asyncio.Context()
+    try:
+        links = [RequestLink(connect_dealer(context, f"ipc://{tmp_path}/{name}.sock"), name) for name in "ab"]
+        model, _ = edge_side(digits, 0, 4, 0)
+        chain = EdgeChain([model.head, CompressorStage(model.compressor), TransportStage(links[0])])
+        settings = SessionSettings.of_chain(chain, "digits_cnn")
+        with pytest.raises(ConfigError, match="another link"):
+            EdgeSession(chain, links[1], settings)
+        EdgeSession(chain, links[0], settings).close()
+    finally:
+        for link in links:
+            link.connection.close()
+        context.term()

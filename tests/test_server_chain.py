@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import threading
 import time
 import uuid
 
+import numpy as np
 import pytest
 import torch
 import zmq
@@ -267,3 +269,29 @@ async def test_a_codec_lz4_cannot_wrap_is_refused_at_the_handshake_and_on_the_wi
         await raw.send_multipart(frames)
         reply = decode_message(await asyncio.wait_for(raw.recv_multipart(), 10))
         assert isinstance(reply, ErrorReply) and reply.code == "bad_codec", reply
+
+
+class Wide(codecs.RawCodec):
+    """A codec of one's own that packs 8 bytes per value (say, a value and its error bound)."""
+
+    name = "wide-test"
+
+    def packed_size(self, shape):
+        return 8 * math.prod(shape)
+
+    def _pack(self, x):
+        return np.repeat(x.reshape(-1), 2).view(np.uint8).data
+
+    def _unpack(self, data, shape):
+        return torch.from_numpy(np.frombuffer(data, "<f4")[::2].copy().reshape(shape))
+
+
+def test_the_servers_frame_limit_fits_the_largest_registered_codec(monkeypatch):
+    from sparse_rt.assembly import largest_frame
+
+    _, _, cut = build_sides(digits.build_model(), digits.cut, digits.input_shape, budget=BUDGET)
+    before = largest_frame(cut, 64)
+    monkeypatch.setattr(codecs, "_REGISTRY", dict(codecs._REGISTRY))
+    codecs.register_codec(Wide)
+    shape = (64, cut.channels, cut.sent_height, cut.sent_width)
+    assert before < 8 * math.prod(shape) <= largest_frame(cut, 64)

@@ -146,3 +146,13 @@ async def test_the_epoch_loss_is_over_the_rows_the_server_trained_on():
     assert [rows for _, rows in losses] == [4, 0, 4, 0]
     assert math.isnan(losses[1][0]) and math.isnan(losses[3][0])  # nothing sent: no server loss
     assert result.loss == pytest.approx((losses[0][0] + losses[2][0]) / 2)  # over the rows the server got
+
+
+def test_a_wrapped_head_has_the_checkpoint_keys_of_a_plain_one():
+    from sparse_rt.assembly import edge_side
+    from sparse_rt.stages.head import HeadStage
+
+    model, _ = edge_side(digits, 0, 4, 0)
+    plain = EdgeChain([model.head, CompressorStage(model.compressor)])
+    wrapped = EdgeChain([HeadStage(model.head), CompressorStage(model.compressor)])
+    assert list(wrapped.module.state_dict()) == list(plain.module.state_dict()) == list(model.state_dict())

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import torch
 
 from sparse_rt.edge.protocol import EdgeProtocol, SessionSettings
+from sparse_rt.errors import ConfigError
 from sparse_rt.metrics import MetricsLog, StageTimer
 from sparse_rt.stages.base import StepContext
 from sparse_rt.stages.chain import EdgeChain
@@ -48,6 +49,9 @@ class EdgeSession:
                  metrics: MetricsLog | None = None, offload: bool = True) -> None:
         self.chain = chain
         self.link = link
+        if chain.transport is not None and chain.transport.link is not link:
+            raise ConfigError("the chain's TransportStage sends over another link than this session's; give the "
+                              "session the stage's link, or leave the stage out and the session adds one")
         self.transport = chain.transport or TransportStage(link)
         self.protocol = EdgeProtocol(settings)
         self.metrics = metrics or MetricsLog(None)

@@ -118,6 +118,10 @@ class Exploration:
         """The anneal a loop without a schedule gets: over DEFAULT_TRIES draws of each channel."""
         return cls(start, DEFAULT_TRIES * channels / budget if budget < channels else 0.0)
 
+    @property
+    def is_constant(self) -> bool:
+        return math.isinf(self.steps)
+
     def temperature(self) -> float:
         if self.steps <= 0:
             return 0.0
@@ -179,7 +183,8 @@ class Compressor(nn.Module):
         if not 1 <= value <= self.channels:
             raise ValueError(f"budget must be between 1 and {self.channels} channels, got {value}")
         self._budget = int(value)
-        self.schedule = Exploration.default(self.channels, self._budget, self.start_temperature)
+        if getattr(self, "schedule", None) is None or not self.schedule.is_constant:  # a user's constant stays
+            self.schedule = Exploration.default(self.channels, self._budget, self.start_temperature)
 
     @property
     def exploration(self) -> float:

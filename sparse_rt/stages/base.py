@@ -70,8 +70,8 @@ class StepContext:
         if self.rows is None:
             self.rows = torch.arange(batch_size)
         if self.answers is None:
-            self.answers = torch.full((batch_size, outputs.shape[1]), float("nan"))
-        self.answers[self.rows[done]] = outputs.detach().float()
+            self.answers = torch.full((batch_size, outputs.shape[1]), float("nan"), device=outputs.device)
+        self.answers[self.rows[done].to(self.answers.device)] = outputs.detach().float().to(self.answers.device)
         self.rows = self.rows[~done]
         if self.labels is not None:
             self.labels = self.labels[~done]
@@ -83,7 +83,7 @@ class StepContext:
             return outputs
         merged = self.answers.clone()
         if outputs is not None and self.rows is not None and self.rows.numel():
-            merged[self.rows] = outputs
+            merged[self.rows.to(merged.device)] = outputs.to(merged.device)
         return merged
 
 

@@ -13,13 +13,16 @@ from torch import nn
 from sparse_rt.stages.base import Stage, StepContext
 
 
-class HeadStage(Stage, nn.Module):
-    """The head as a stage: its forward is the module's; autograd carries the gradient back through it."""
+class HeadStage(Stage):
+    """The head as a stage: its forward is the module's; autograd carries the gradient back through it.
+
+    A wrapper, not a module of its own: the chain collects ``module`` under
+    the stage's name, so a head's checkpoint keys are the same wrapped or not.
+    """
 
     name = "head"
 
     def __init__(self, module: nn.Module) -> None:
-        nn.Module.__init__(self)
         self.module = module
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
