@@ -20,7 +20,7 @@ from torch import nn
 from sparse_rt.assembly import edge_chain, server_chain
 from sparse_rt.model.compression import PruneLossWeights
 from sparse_rt.errors import ConfigError
-from sparse_rt.model.sides import CutShape, build_sides
+from sparse_rt.model.sides import CutShape, build_sides, evaluating
 from sparse_rt.pipeline import Pipeline
 from sparse_rt.edge.session import EdgeSession, SessionSettings
 from sparse_rt.server.server import SplitServer
@@ -42,12 +42,8 @@ def local_address(transport: str) -> str:
 
 def count_outputs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Classes the model predicts, measured with a dummy sample."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        outputs = model(torch.zeros(1, *input_shape)).shape[-1]
-    model.train(was_training)
-    return int(outputs)
+    with evaluating(model):
+        return int(model(torch.zeros(1, *input_shape)).shape[-1])
 
 
 def check_compressor(compressor: nn.Module, head: nn.Module, cut: CutShape, input_shape: tuple[int, ...],
@@ -64,13 +60,8 @@ def check_compressor(compressor: nn.Module, head: nn.Module, cut: CutShape, inpu
     if resolution:
         raise ConfigError("resolution compression is the paper's Compressor's; a compressor of your own sends "
                           "the cut at its full size (resolution=0)")
-    modes = [(module, module.training) for module in (head, compressor)]
-    for module, _ in modes:
-        module.eval()
-    with torch.no_grad():
+    with evaluating(head, compressor):
         values, indices = compressor(head(torch.zeros(1, *input_shape)))
-    for module, training in modes:
-        module.train(training)
     expected = (1, budget, cut.sent_height, cut.sent_width)
     if tuple(values.shape) != expected or tuple(indices.shape) != (budget,):
         raise ConfigError(f"the compressor must return values {expected} and indices ({budget},) for one sample, "

@@ -56,7 +56,9 @@ def test_the_session_table_applies_each_step_once_without_any_socket():
 def test_the_edge_protocol_numbers_steps_only_when_applied():
     protocol = EdgeProtocol(SessionSettings("digits_cnn", 32, 4, grad_codec="fp16"))
     hello = protocol.hello(1)
-    assert (hello.grad_codec, hello.grad_lz4) == ("fp16", False)
+    assert (hello.grad_codec, hello.grad_lz4) == ("fp16", None)  # left out: the server's default applies
+    session = _table().open(b"edge", hello)
+    assert (session.grad_codec, session.grad_lz4) == ("fp16", False)  # lz4 as the activations: off
     with pytest.raises(RuntimeError, match="handshake"):
         protocol.context("train", 2)
     protocol.opened(Welcome(1, "abc"))

@@ -50,7 +50,7 @@ from sparse_rt.pipeline import Pipeline, TrainingSettings, get_pipeline
 from sparse_rt.assembly import build_halves
 from sparse_rt.pair import SplitPair
 from sparse_rt.transport.shaper import Shaper
-from sparse_rt.wire.codecs import CODEC_NAMES
+from sparse_rt.wire.codecs import CODEC_NAMES, codec_names
 
 DEFAULT_MBPS = "10,100,1000"
 TARGET_RATIO = 0.8  # wanted at the TARGET_MBPS rates
@@ -69,9 +69,9 @@ class CodecList(click.ParamType):
         if isinstance(value, list):
             return value
         items = [item.strip() for item in str(value).split(",")]
-        unknown = [item for item in items if item not in CODEC_NAMES]
+        unknown = [item for item in items if item not in codec_names()]  # after --import: one's own codecs too
         if unknown:
-            self.fail(f"unknown codec '{unknown[0]}'; expected some of {', '.join(CODEC_NAMES)}", param, ctx)
+            self.fail(f"unknown codec '{unknown[0]}'; expected some of {', '.join(codec_names())}", param, ctx)
         return items
 
 

@@ -51,10 +51,9 @@ class EdgeProtocol:
         self.steps = 0  # training steps applied by the server; the next step's number
 
     def hello(self, request_id: int) -> Hello:
-        s = self.settings
-        grad_lz4 = s.grad_lz4 if s.grad_lz4 is not None else (s.lz4 if s.grad_codec is not None else None)
+        s = self.settings  # a None grad_codec/grad_lz4 is left out: the server's default is the activations' own
         return Hello(request_id, s.pipeline, s.channels, s.budget, s.codec, s.lz4, s.mode, s.resolution,
-                     s.grad_codec, grad_lz4)
+                     s.grad_codec, s.grad_lz4)
 
     def opened(self, welcome: Welcome) -> str:
         self.session_id = welcome.session

@@ -150,7 +150,7 @@ class Compressor(nn.Module):
         channels: int,
         budget: int,
         resolution: int = 0,
-        exploration: float = 1.0,  # Gumbel temperature of the training draw; 0 = exact top-B
+        exploration: float = 1.0,  # Gumbel temperature the training draw anneals from; 0 = exact top-B
         weights: PruneLossWeights = PruneLossWeights(),
     ) -> None:
         super().__init__()

@@ -6,7 +6,9 @@ the cut are measured by running a dummy batch through the head, never typed.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -51,13 +53,28 @@ class ServerModel(nn.Module):
         return self.tail(self.decompressor(values, indices))
 
 
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Eval mode without autograd for a dummy sample, then every submodule's own mode back.
+
+    Each submodule's flag is restored, not only the top one's, so a caller's
+    mixed modes (a frozen, evaluating part inside a training model) survive the probe.
+    """
+    saved = [(module, module.training) for top in modules for module in top.modules()]
+    for top in modules:
+        top.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
 def measure_cut(head: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     """(channels, height, width) of the head's output for one sample."""
-    was_training = head.training
-    head.eval()
-    with torch.no_grad():
+    with evaluating(head):
         out = head(torch.zeros(1, *input_shape))
-    head.train(was_training)
     if out.dim() != 4:
         raise ValueError(f"the cut must produce feature maps (N, C, H, W); this head gives shape {tuple(out.shape)}")
     return tuple(out.shape[1:])  # type: ignore[return-value]

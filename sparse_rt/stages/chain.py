@@ -5,8 +5,11 @@ edge's optimizer; the source feeds it batches. Server: ``[your stages] ->
 decompressor -> tail -> optimizer``, after the codec (decode and checks,
 server/). A chain is written like ``nn.Sequential``::
 
-    chain = EdgeChain([head, ConfidenceExit(exit_head), CompressorStage(compressor),
-                       CodecStage("int8", down="fp16")], optimizer)
+    chain = EdgeChain([head, ConfidenceExit(channels=32, num_classes=10), CompressorStage(compressor),
+                       CodecStage("int8", down="fp16")], torch.optim.Adam)
+
+(``ConfidenceExit`` is examples/early_exit.py's; an optimizer factory is
+given the parameters of every stage.)
 
 Stages that hold parameters are collected in :attr:`EdgeChain.module` (an
 ``nn.ModuleDict`` whose keys are the stages' names), so one optimizer, one

@@ -35,7 +35,7 @@ async def run_split(config: RunConfig) -> RunSummary:
     resolution, epochs = training.resolution, training.epochs
     train_loader, test_loader = data.loaders(training.batch_size, config.seed)
     pair = SplitPair.for_pipeline(pipeline, budget=config.budget, codec=config.codec, lz4=config.lz4,
-                                  resolution=resolution, lr=config.lr, transport=config.transport,
+                                  resolution=resolution, lr=training.lr, transport=config.transport,
                                   request_timeout=config.request_timeout)
     async with pair:
         result = await train(pair.edge, train_loader, fixed(pair.budget, epochs), samples_per_epoch=len(data.y_train),

@@ -109,7 +109,7 @@ class Counted(Layer):
 
     async def recv(self) -> tuple[bytes | None, list[zmq.Frame]]:
         route, frames = await self.inner.recv()
-        self.traffic.bytes_received += sum(len(frame) for frame in frames)
+        self.traffic.bytes_received += frame_bytes(frames)
         self.traffic.messages_received += 1
         return route, frames
 
