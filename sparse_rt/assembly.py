@@ -6,6 +6,7 @@ model, and a test can rebuild either half exactly.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -18,8 +19,13 @@ from sparse_rt.stages.chain import EdgeChain, OptimizerLike, ServerChain, collec
 from sparse_rt.stages.codec import CodecStage
 from sparse_rt.stages.compressor import CompressorStage
 from sparse_rt.stages.decompressor import DecompressorStage
+from sparse_rt.stages.guard import StepGuard
 from sparse_rt.stages.optimizer import OptimizerStage
 from sparse_rt.stages.tail import LossFn, TailStage
+
+# The largest learning-rate factor a server applies for a peer (the protocol lets a peer ask up to 100):
+# deprune's boost is 2 by default; a factor far above it is a mistake or an attack on the shared tail.
+DEFAULT_MAX_LR_SCALE = 10.0
 
 
 def build_halves(pipeline: Pipeline, seed: int, budget: int | None, resolution: int):
@@ -46,17 +52,24 @@ def edge_chain(model: EdgeModel, optimizer: OptimizerLike, *, stages: Sequence[A
 
 
 def server_chain(model: ServerModel, optimizer: torch.optim.Optimizer | None, *, stages: Sequence[Any] = (),
-                 loss_fn: LossFn = F.cross_entropy) -> ServerChain:
+                 loss_fn: LossFn = F.cross_entropy, max_grad_norm: float = math.inf,
+                 max_lr_scale: float = DEFAULT_MAX_LR_SCALE) -> ServerChain:
     """``stages`` -> decompressor -> tail (+ loss) -> optimizer; without an optimizer it serves inference only.
 
     The optimizer also steps the parameters of ``stages`` (a group of their
-    own at its defaults), so a trainable stage of one's own is trained with the tail.
+    own at its defaults), so a trainable stage of one's own is trained with
+    the tail. Every step is guarded (stages/guard.py): applied whole, with a
+    finite result and a gradient norm of at most ``max_grad_norm``, or not
+    at all; a peer's ``lr_scale`` is capped at ``max_lr_scale``.
     """
     chain: list[Any] = [*stages, DecompressorStage(model.decompressor), TailStage(model.tail, loss_fn)]
     if optimizer is not None:
         _add_missing_parameters(optimizer, collect_modules(stages).parameters())
-        chain.append(OptimizerStage(optimizer))
-    return ServerChain(chain)
+        chain.append(OptimizerStage(optimizer, max_lr_scale))
+    built = ServerChain(chain)
+    if built.optimizer is not None:
+        built.optimizer.guard = StepGuard(built.module, optimizer, max_grad_norm)
+    return built
 
 
 def _add_missing_parameters(optimizer: torch.optim.Optimizer, parameters: Iterator[nn.Parameter]) -> None:

@@ -326,6 +326,18 @@ def _edges_table(combined: dict) -> str:
 @click.option("--inflight", type=click.IntRange(min=1), help="Edge: inference requests in flight.  [default: 4]")
 @click.option("--json/--no-json", "json", default=None, help="Print one JSON summary object on stdout at the end.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="[default: info]")
+@click.option("--curve-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="This node's NAME.key_secret (sparse-rt keys generate): encrypt and authenticate with CURVE.")
+@click.option("--allow-keys", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Server, with --curve-key: folder of client .key files allowed to train and infer.")
+@click.option("--allow-infer-keys", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Server, with --curve-key: folder of client .key files allowed to infer only.")
+@click.option("--server-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Edge, with --curve-key: the server's public NAME.key.")
+@click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True),
+              help="Server: refuse training steps whose gradient norm is above this.  [default: no bound]")
+@click.option("--max-lr-scale", type=click.FloatRange(min=0, min_open=True),
+              help="Server: the largest learning-rate factor applied for a peer's step.  [default: 10]")
 def node(config_file: Path | None, **options) -> None:
     """Run one node: a server that trains and serves the tail, or an edge that
     runs the head. Stop either with Ctrl-C or SIGTERM: it finishes its step,
@@ -381,6 +393,29 @@ def bench_group() -> None:
     Every suite prints a table of medians after a warm-up; --json prints one
     JSON object instead, --out DIR also writes SUITE.json and a PNG plot.
     """
+
+
+@cli.group("keys")
+def keys_group() -> None:
+    """CURVE key pairs for nodes (zmq.auth's certificate files)."""
+
+
+@keys_group.command("generate")
+@click.option("--out", "directory", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder to write NAME.key (public) and NAME.key_secret (keep it private) into.")
+@click.argument("name")
+def generate_keys_command(directory: Path, name: str) -> None:
+    """Write a new key pair: give NAME.key_secret to the node itself and NAME.key to its peers.
+
+    \b
+    Example:
+      sparse-rt keys generate --out keys server
+      sparse-rt keys generate --out keys edge-1 && cp keys/edge-1.key allowed/
+    """
+    from sparse_rt.transport.curve import generate_keys
+
+    public, secret = generate_keys(directory, name)
+    click.echo(f"public key: {public}\nsecret key: {secret} (readable by you only)")
 
 
 @cli.command("pipelines")

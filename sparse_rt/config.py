@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from sparse_rt.assembly import DEFAULT_MAX_LR_SCALE
 from sparse_rt.errors import ConfigError
 from sparse_rt.pipeline import Pipeline, TrainingSettings
 from sparse_rt.train.schedules import deprune, parse_phases
@@ -90,6 +91,12 @@ class NodeConfig:
     inflight: int = 4  # edge: inference requests in flight at once
     json: bool = False  # print one JSON summary object on stdout at the end
     log_level: str = "info"
+    curve_key: Path | None = None  # this node's NAME.key_secret: CURVE encryption and authentication
+    allow_keys: Path | None = None  # server: folder of public keys that may train (and infer)
+    allow_infer_keys: Path | None = None  # server: folder of public keys that may infer only
+    server_key: Path | None = None  # edge: the server's NAME.key
+    max_grad_norm: float | None = None  # server: refuse a step whose gradient norm is above this (None: no bound)
+    max_lr_scale: float = DEFAULT_MAX_LR_SCALE  # server: the largest learning-rate factor it applies for a peer
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -117,6 +124,17 @@ class NodeConfig:
         for name in ("max_batch", "inflight"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        allowing = self.allow_keys is not None or self.allow_infer_keys is not None
+        if self.role == "server" and (self.curve_key is None) != (not allowing):
+            raise ConfigError("CURVE on a server needs both --curve-key (its .key_secret) and --allow-keys "
+                              "and/or --allow-infer-keys (folders of the clients' .key files)")
+        if self.role == "edge" and (self.curve_key is None) != (self.server_key is None):
+            raise ConfigError("CURVE on an edge needs both --curve-key (its .key_secret) and --server-key "
+                              "(the server's .key)")
+        for name in ("max_grad_norm", "max_lr_scale"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
         if not self.request_timeout > 0:
             raise ConfigError(f"request_timeout must be positive, got {self.request_timeout}")
         # the options shared with `sparse-rt run` are checked in one place
@@ -161,7 +179,8 @@ def load_node_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig
     if "timeout" in settings:  # the file's name for the CLI's --timeout
         settings["request_timeout"] = settings.pop("timeout")
     settings.update({key: value for key, value in overrides.items() if value is not None})
-    for key in ("data", "checkpoint", "metrics", "models"):
+    for key in ("data", "checkpoint", "metrics", "models", "curve_key", "allow_keys", "allow_infer_keys",
+                "server_key"):
         if settings.get(key) is not None:
             settings[key] = Path(settings[key])
     if "role" not in settings or "pipeline" not in settings:

@@ -30,6 +30,7 @@ from sparse_rt.store.modelset import load_model_set
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.source import Batch
 from sparse_rt.transport.connection import SocketOption, Traffic, connect_dealer
+from sparse_rt.transport.curve import HandshakeWatch, curve_client, load_key_pair, load_public_key
 from sparse_rt.transport.link import RequestLink
 
 T = TypeVar("T")
@@ -47,7 +48,9 @@ class EdgeClient:
     early exit, say: stages/base.py); their parameters train and are
     checkpointed with the head's. ``grad_codec`` asks for the gradients in
     another codec than the activations. ``socket_options`` configure the
-    socket before it connects (transport/connection.py).
+    socket before it connects (transport/connection.py). ``curve_key`` (this
+    edge's ``.key_secret``) with ``server_key`` (the server's ``.key``)
+    encrypts the connection and authenticates both ends (transport/curve.py).
     """
 
     def __init__(self, pipeline: str | Pipeline, address: str, *, mode: str = "infer", budget: int | None = None,
@@ -55,7 +58,8 @@ class EdgeClient:
                  head_checkpoint: str | Path | None = None, model_set: str | Path | None = None,
                  lr: float | None = None, timeout: float = 30.0, retries: int = 2,
                  metrics: Path | None = None, stages: Sequence[Any] = (), grad_codec: str | None = None,
-                 offload: bool = True, socket_options: Sequence[SocketOption] = ()) -> None:
+                 offload: bool = True, socket_options: Sequence[SocketOption] = (),
+                 curve_key: str | Path | None = None, server_key: str | Path | None = None) -> None:
         self.pipeline = pipeline if isinstance(pipeline, Pipeline) else get_pipeline(pipeline)
         self.address = address
         self.mode = mode
@@ -83,7 +87,12 @@ class EdgeClient:
         self.resumed = checkpoint.restore(self.chain.module, self.optimizer) if checkpoint is not None else {}
         self.settings = SessionSettings.of_chain(self.chain, self.pipeline.name, mode, resolution)
         self._timeout, self._retries, self._metrics_path, self._offload = timeout, retries, metrics, offload
-        self._socket_options = tuple(socket_options)  # applied before connecting (e.g. CURVE keys)
+        self._socket_options = tuple(socket_options)  # applied before connecting
+        if (curve_key is None) != (server_key is None):
+            raise ConfigError("CURVE needs both curve_key (this edge's .key_secret) and server_key (the server's .key)")
+        if curve_key is not None and server_key is not None:
+            self._socket_options += (curve_client(load_key_pair(Path(curve_key)), load_public_key(Path(server_key))),)
+        self.curve = curve_key is not None
         self._context: zmq.asyncio.Context | None = None
         self.session: EdgeSession | None = None
 
@@ -105,11 +114,23 @@ class EdgeClient:
     async def connect(self) -> "EdgeClient":
         """Open the socket and the session (handshake); a refusal raises RemoteError with the server's reason."""
         self._context = zmq.asyncio.Context()
-        socket = connect_dealer(self._context, self.address, options=self._socket_options)
+        watch = HandshakeWatch(self.curve)  # a refused key or a wrong server key is an error, not a timeout
+        socket = connect_dealer(self._context, self.address, options=(*self._socket_options, watch))
         link = RequestLink(socket, self.address, self._timeout, self._retries)
         self.session = EdgeSession(self.chain, link, self.settings, MetricsLog(self._metrics_path), self._offload)
+        verdict = asyncio.create_task(watch.verdict(self.address, self._timeout * (self._retries + 1)))
+        opening = asyncio.create_task(self.session.open())
         try:
-            await self.session.open()
+            try:
+                done, _ = await asyncio.wait({verdict, opening}, return_when=asyncio.FIRST_COMPLETED)
+                if verdict in done:
+                    verdict.result()  # raises AuthenticationFailed; else the handshake worked (or no verdict yet)
+                await opening
+            finally:
+                for task in (verdict, opening):
+                    task.cancel()
+                await asyncio.gather(verdict, opening, return_exceptions=True)
+                watch.close()  # before any close(): the context cannot end while the monitor socket is open
         except BaseException:
             await self.close()
             raise

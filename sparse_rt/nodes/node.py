@@ -31,7 +31,9 @@ from sparse_rt.train.summary import RunSummary, summarize
 from sparse_rt.train.loop import TrainingResult, train
 from sparse_rt.train.schedules import deprune, fixed, parse_phases
 from sparse_rt.stages.optimizer import build_optimizer
-from sparse_rt.transport.connection import bind_router
+from sparse_rt.server.trust import AllowList, start_authenticator
+from sparse_rt.transport.connection import bind_router, is_local
+from sparse_rt.transport.curve import curve_server, load_key_pair
 from sparse_rt.wire.header import MAX_HEADER_BYTES
 
 log = logging.getLogger("sparse_rt.node")
@@ -82,11 +84,24 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
             save(steps_applied)
 
     context = zmq.asyncio.Context()
-    connection = bind_router(context, config.bind, max(largest_frame(cut, config.max_batch), MAX_HEADER_BYTES))
+    allow, authenticator, options = None, None, []
+    if config.curve_key is not None:
+        keys = load_key_pair(config.curve_key)
+        allow = AllowList(config.allow_keys, config.allow_infer_keys)
+        authenticator = start_authenticator(context, allow)
+        options.append(curve_server(keys))
+    elif not is_local(config.bind):
+        log.warning("serving %s without CURVE: anyone who reaches it can train the shared tail and read its "
+                    "traffic; see docs/SECURITY.md (--curve-key, --allow-keys)", config.bind)
+    connection = bind_router(context, config.bind, max(largest_frame(cut, config.max_batch), MAX_HEADER_BYTES),
+                             options=options)
     endpoint = connection.socket.getsockopt_string(zmq.LAST_ENDPOINT)
     metrics = MetricsLog(config.metrics)
-    server = SplitServer(pipeline.name, server_chain(model, optimizer), cut, pipeline.num_classes, connection,
-                         metrics=metrics, after_step=after_step, model_set=model_set)
+    chain = server_chain(model, optimizer, max_grad_norm=config.max_grad_norm or math.inf,
+                         max_lr_scale=config.max_lr_scale)
+    server = SplitServer(pipeline.name, chain, cut, pipeline.num_classes, connection,
+                         metrics=metrics, after_step=after_step, model_set=model_set, allow=allow,
+                         reveal=allow is not None or is_local(config.bind))
     stop = stop_on_signals()
     log.info("serving %s on %s: cut after '%s', %d channels of %dx%d (sent at %dx%d)", pipeline.name, endpoint,
              pipeline.cut, cut.channels, cut.height, cut.width, cut.sent_height, cut.sent_width)
@@ -102,6 +117,8 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
             save(server.stats.steps_applied)
             log.info("saved the tail to %s", config.checkpoint)
         connection.close()
+        if authenticator is not None:
+            authenticator.stop()
         context.term()
         metrics.close()
     if isinstance(outcome, Exception):
@@ -111,6 +128,8 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
              stats.inferences, stats.errors, stats.sessions_opened)
     return {"role": "server", "pipeline": pipeline.name, "address": endpoint, "steps_applied": stats.steps_applied,
             "inferences": stats.inferences, "errors": stats.errors, "sessions_opened": stats.sessions_opened,
+            "keys_refused": allow.refused if allow is not None else 0,
+            "steps_refused": chain.optimizer.guard.refused if chain.optimizer and chain.optimizer.guard else 0,
             "steps_per_session": stats.steps_per_session, "bytes_in": connection.traffic.bytes_received,
             "bytes_out": connection.traffic.bytes_sent, "seconds": round(time.perf_counter() - started, 3)}
 
@@ -128,8 +147,8 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
     client = EdgeClient(pipeline, config.connect, mode=config.mode, budget=config.budget, codec=config.codec,
                         lz4=config.lz4, resolution=config.resolution, seed=config.seed,
                         head_checkpoint=config.checkpoint if config.resume else None, model_set=config.models,
-                        lr=config.lr,
-                        timeout=config.request_timeout, retries=config.retries, metrics=config.metrics)
+                        lr=config.lr, timeout=config.request_timeout, retries=config.retries, metrics=config.metrics,
+                        curve_key=config.curve_key, server_key=config.server_key)
     stop = stop_on_signals()
     result = TrainingResult(math.nan, 0, False)
     async with client:

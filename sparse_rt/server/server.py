@@ -22,12 +22,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, NamedTuple
 
+import torch
 import zmq
 
 from sparse_rt.errors import WireError
 from sparse_rt.metrics import MetricsLog, StageTimer
 from sparse_rt.model.sides import CutShape
 from sparse_rt.server.sessions import ServedCut, ServerStats, Session, SessionTable
+from sparse_rt.server.trust import TRAIN, AllowList
 from sparse_rt.stages.base import Cut, StepContext
 from sparse_rt.stages.chain import ServerChain
 from sparse_rt.transport.connection import Transport, frame_bytes
@@ -68,13 +70,15 @@ class SplitServer:
     def __init__(self, pipeline: str, chain: ServerChain, cut: CutShape, num_classes: int,
                  connection: Transport, queue_size: int = 16, metrics: MetricsLog | None = None,
                  after_step: Callable[[int], None] | None = None,
-                 model_set: dict[int, ServerChain] | None = None) -> None:
+                 model_set: dict[int, ServerChain] | None = None, allow: AllowList | None = None,
+                 reveal: bool = True) -> None:
         self.chain = chain
+        self.allow = allow  # with CURVE: the keys let in, and which of them may train
         self.model_set = model_set
         resolution = int(getattr(chain.decompressor.module, "resolution", 0))
         self.table = SessionTable(ServedCut(pipeline, cut, num_classes, resolution,
                                             None if model_set is None else frozenset(model_set),
-                                            trains=chain.trains and model_set is None))
+                                            trains=chain.trains and model_set is None), reveal)
         self.connection = connection
         self.metrics = metrics or MetricsLog(None)
         self.after_step = after_step  # called in the worker thread, after the reply, with the count of applied steps
@@ -134,11 +138,20 @@ class SplitServer:
         log.warning("refused a message from %s: %s", route.hex(), exc)
         await self.connection.send(error_frames(exc.request_id, exc.code, str(exc)), route)
 
+    def _owner(self, route: bytes, frames: list[zmq.Frame]) -> bytes:
+        """Who sent it: the authenticated key with CURVE (so a reconnecting edge keeps its sessions and no
+        other key can use them), else the sending socket's routing id."""
+        if self.allow is None:
+            return route
+        return frames[0].get("User-Id").encode("ascii")
+
     def _handshake(self, route: bytes, frames: list[zmq.Frame], header: dict[str, Any]) -> list[Any]:
         try:
             hello = decode_message(frames, header)
             assert isinstance(hello, Hello)
-            session = self.table.open(route, hello)
+            owner = self._owner(route, frames)
+            may_train = self.allow is None or self.allow.role(owner.decode("ascii")) == TRAIN
+            session = self.table.open(owner, hello, may_train)
         except WireError as exc:
             self.stats.errors += 1
             log.warning("refused a handshake from %s: %s", route.hex(), exc)
@@ -194,7 +207,7 @@ class SplitServer:
             if not isinstance(message, Activations):
                 raise WireError(f"a server does not accept '{type(message).__name__}' messages", "bad_kind")
             with timer.stage("tail"):
-                reply, computed = self._apply(route, message, timer)
+                reply, computed = self._apply(self._owner(route, frames), message, timer)
             with timer.stage("encode"):
                 return Answer("grad" if isinstance(reply, Gradients) else "pred", request_id, encode_message(reply),
                               computed)
@@ -208,15 +221,18 @@ class SplitServer:
             return Answer("error", request_id, error_frames(request_id, "internal",
                                                             f"server error: {type(exc).__name__}: {exc}"))
 
-    def _apply(self, route: bytes, message: Activations, timer: StageTimer) -> tuple[Message, bool]:
+    def _apply(self, owner: bytes, message: Activations, timer: StageTimer) -> tuple[Message, bool]:
         """The reply, and whether the chain ran for it (False: a resent step answered from its stored reply)."""
-        session = self.table.session_for(route, message)
+        session = self.table.session_for(owner, message)
         ctx = StepContext(message.kind, message.labels, message.step, session.id, message.lr_scale, timer)
         cut = Cut(message.values, message.indices)
         if message.labels is None:
             self.stats.inferences += 1
             chain = self.chain if self.model_set is None else self.model_set[message.values.shape[1]]
-            return Predictions(message.id, session.id, chain.forward(cut, ctx)), True
+            logits = chain.forward(cut, ctx)
+            if not bool(torch.isfinite(logits).all()):  # PROTOCOL.md 4.6: every pred is finite
+                raise WireError("the model's output for this request is not finite; nothing is sent", "bad_output")
+            return Predictions(message.id, session.id, logits), True
         stored = self.table.replay(session, message)
         if stored is not None:
             return stored, False

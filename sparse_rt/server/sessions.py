@@ -26,7 +26,7 @@ class Session:
     """One edge's settings, fixed at the handshake."""
 
     id: str
-    route: bytes
+    owner: bytes  # who may use it: the peer's authenticated key (CURVE), else its socket's routing id
     mode: str
     budget: int
     codec: str
@@ -64,19 +64,28 @@ class ServedCut:
 class SessionTable:
     """Opens sessions and checks every message against its session and the step rule."""
 
-    def __init__(self, served: ServedCut) -> None:
+    def __init__(self, served: ServedCut, reveal: bool = True) -> None:
         self.served = served
+        self.reveal = reveal  # False: a refused handshake is told nothing about the model (the log has why)
         self.sessions: dict[str, Session] = {}
         self.stats = ServerStats()
 
-    def open(self, route: bytes, hello: Hello) -> Session:
-        """A new session for an acceptable hello, or WireError('handshake_refused') saying why not."""
+    def open(self, owner: bytes, hello: Hello, may_train: bool = True) -> Session:
+        """A new session for an acceptable hello, or WireError('handshake_refused') saying why not.
+
+        ``may_train`` is False for a key allowed to infer only.
+        """
         problem = self._check_hello(hello)
+        if problem is None and hello.mode == "train" and not may_train:
+            problem = "this key is allowed inference only"
         if problem:
+            if not self.reveal:
+                log.warning("refused a handshake: %s", problem)
+                problem = "handshake refused (the server's log says why)"
             raise WireError(problem, "handshake_refused", hello.id)
         grad_codec = hello.codec if hello.grad_codec is None else hello.grad_codec
         grad_lz4 = hello.lz4 if hello.grad_lz4 is None else hello.grad_lz4
-        session = Session(secrets.token_hex(8), route, hello.mode, hello.budget, hello.codec, hello.lz4, grad_codec,
+        session = Session(secrets.token_hex(8), owner, hello.mode, hello.budget, hello.codec, hello.lz4, grad_codec,
                           grad_lz4)
         self.sessions[session.id] = session
         self.stats.sessions_opened += 1
@@ -113,10 +122,10 @@ class SessionTable:
                 return str(exc)
         return None
 
-    def session_for(self, route: bytes, message: Activations) -> Session:
+    def session_for(self, owner: bytes, message: Activations) -> Session:
         """The message's session, checked against it (owner, mode, codec, budget, shape, labels)."""
         session = self.sessions.get(message.session)
-        if session is None or session.route != route:
+        if session is None or session.owner != owner:
             raise WireError(f"unknown session '{message.session}'; open one with a hello first", "unknown_session")
         self._check(session, message)
         return session

@@ -180,6 +180,17 @@ class ServerChain:
             values = cut.values.detach().requires_grad_(True)
             ctx.meta["received"] = values
             cut = Cut(values, cut.indices)
+        guard = self.optimizer.guard if self.optimizer is not None and ctx.training else None
+        if guard is None:
+            return self._run(cut, ctx)
+        guard.save()  # before the forward: batch-norm statistics change there
+        try:
+            return self._run(cut, ctx)
+        except Exception:
+            guard.restore()  # a step that failed anywhere leaves the tail as it was
+            raise
+
+    def _run(self, cut: Cut, ctx: StepContext) -> torch.Tensor:
         with self._modes(ctx.training):
             x: Any = cut
             for index, stage in enumerate(self.stages):

@@ -8,12 +8,14 @@ boost, sent with every training step) is applied first.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
 
 from sparse_rt.errors import ConfigError
 from sparse_rt.stages.base import Stage, StepContext
+from sparse_rt.stages.guard import StepGuard
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -52,15 +54,17 @@ class OptimizerStage(Stage):
 
     name = "optimizer"
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, max_lr_scale: float = math.inf) -> None:
         self.optimizer = optimizer
         self.lr_scale = LearningRateScale(optimizer)
+        self.max_lr_scale = max_lr_scale  # a server's cap on the factor a peer may ask for
+        self.guard: StepGuard | None = None  # on a server: a step is applied whole or not at all (guard.py)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self, ctx: StepContext) -> None:
-        self.lr_scale.set(ctx.lr_scale)
+        self.lr_scale.set(min(ctx.lr_scale, self.max_lr_scale))
         self.optimizer.step()
 
     def forward(self, x: Any, ctx: StepContext) -> Any:
@@ -68,8 +72,14 @@ class OptimizerStage(Stage):
         if not ctx.training:
             return x
         self.zero_grad()
+        if self.guard is not None:
+            self.guard.check_loss(x)
         x.backward()
+        if self.guard is not None:
+            self.guard.check_gradients(ctx.meta.get("received"))
         self.step(ctx)
+        if self.guard is not None:
+            self.guard.check_update()
         ctx.meta["loss"] = float(x.detach())
         return x
 

@@ -133,6 +133,15 @@ class Shaped(Layer):
 Transport = Connection | Layer
 
 
+def is_local(address: str) -> bool:
+    """Whether only this machine can reach ``address``: ipc://, inproc://, or tcp on a loopback interface."""
+    scheme, _, rest = address.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 def open_socket(context: zmq.asyncio.Context, kind: int, attach: str, address: str,
                 options: Iterable[SocketOption] = ()) -> Connection:
     """A socket with ``options`` applied, then bound or connected; a failure names the address."""

@@ -1,0 +1,205 @@
+"""CURVE keys and allow-lists over real processes and sockets; sessions bound to keys; refusals that tell nothing."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+
+from pipelines.digits_cnn import pipeline as digits
+from sparse_rt.assembly import server_chain
+from sparse_rt.errors import ConfigError
+from sparse_rt.model.sides import build_sides
+from sparse_rt.nodes.launch import NodeProcess
+from sparse_rt.server.server import SplitServer
+from sparse_rt.server.trust import AllowList, start_authenticator
+from sparse_rt.stages.optimizer import build_optimizer
+from sparse_rt.transport.connection import bind_router, connect_dealer, is_local
+from sparse_rt.transport.curve import curve_client, curve_server, generate_keys, load_key_pair, load_public_key
+from sparse_rt.wire.messages import Activations, ErrorReply, Gradients, Hello, Welcome, decode_message, encode_message
+
+DIGITS = {"pipeline": "digits_cnn", "seed": 0}
+KEYS = ("server", "alice", "bob", "viewer", "mallory")
+
+
+@pytest.fixture
+def keys(tmp_path) -> Path:
+    """Key pairs for a server and four clients; alice and bob may train, viewer may infer, mallory is unknown."""
+    folder = tmp_path / "keys"
+    for name in KEYS:
+        generate_keys(folder, name)
+    for name, allowed in (("alice", "train"), ("bob", "train"), ("viewer", "infer")):
+        (tmp_path / allowed).mkdir(exist_ok=True)
+        shutil.copy(folder / f"{name}.key", tmp_path / allowed)
+    return folder
+
+
+def test_keys_generate_writes_a_pair_with_a_private_secret_and_never_overwrites(tmp_path):
+    command = [sys.executable, "-m", "sparse_rt", "keys", "generate", "--out", str(tmp_path), "edge-1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    secret = tmp_path / "edge-1.key_secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    pair = load_key_pair(secret)
+    assert load_public_key(tmp_path / "edge-1.key") == pair.public and len(pair.secret) == 40
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "exists already" in again.stderr
+    with pytest.raises(ConfigError, match="holds only a public key"):
+        load_key_pair(tmp_path / "edge-1.key")
+
+
+# -- real processes ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def start():
+    started: list[NodeProcess] = []
+
+    def launch(role: str, **options) -> NodeProcess:
+        node = NodeProcess(role, {**DIGITS, **options})
+        started.append(node)
+        return node
+
+    yield launch
+    for node in started:
+        if node.process.poll() is None:
+            node.process.kill()
+        node.finish(timeout=10)
+
+
+def _secure_server(start, keys: Path):
+    server = start("server", bind="tcp://127.0.0.1:*", json=True, curve_key=keys / "server.key_secret",
+                   allow_keys=keys.parent / "train", allow_infer_keys=keys.parent / "infer")
+    return server, server.wait_ready()
+
+
+def _edge(start, keys: Path, address: str, name: str, server_key: str = "server", **options) -> NodeProcess:
+    return start("edge", connect=address, curve_key=keys / f"{name}.key_secret",
+                 server_key=keys / f"{server_key}.key", epochs=1, timeout=60, retries=1, **options)
+
+
+def test_only_allowed_keys_get_in_and_each_refusal_is_a_clear_error(start, keys):
+    server, address = _secure_server(start, keys)
+    alice = _edge(start, keys, address, "alice", json=True)
+    stranger = _edge(start, keys, address, "mallory")
+    impostor = _edge(start, keys, address, "alice", server_key="mallory")  # wrong server public key
+    plain = start("edge", connect=address, epochs=1, timeout=60, retries=1)  # no CURVE at all
+    viewer_training = _edge(start, keys, address, "viewer")
+    viewer = _edge(start, keys, address, "viewer", mode="infer", json=True)
+    # Each is told at the handshake: waiting out its request timeout and resend (120 s) would make finish()
+    # kill it (exit code -9), and a timeout is exit code 1.
+    failures = {name: node.finish(timeout=100) for name, node in
+                (("stranger", stranger), ("impostor", impostor), ("plain", plain))}
+    for name, (code, _) in failures.items():
+        assert code == 2, (name, code)
+    assert "refused this key" in "".join(stranger.log)
+    assert "--server-key is not that server's public key" in "".join(impostor.log)
+    assert "requires CURVE" in "".join(plain.log)
+    code, _ = viewer_training.finish(timeout=120)
+    assert code == 2 and "this key is allowed inference only" in "".join(viewer_training.log)
+    trained, inferred = alice.result(timeout=300), viewer.result(timeout=300)
+    assert trained["test_accuracy"] > 0.5 and trained["steps"] > 0
+    assert inferred["test_accuracy"] >= 0.0 and inferred["steps"] == 0
+    server.stop()
+    summary = server.result(timeout=60)
+    assert summary["steps_applied"] == trained["steps"]
+    assert summary["keys_refused"] >= 1
+    assert "refused a CURVE handshake from key" in "".join(server.log)
+
+
+# -- sessions belong to keys ------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def secure_server(tmp_path, keys: Path, reveal: bool = True):
+    torch.manual_seed(0)
+    _, server_model, cut = build_sides(digits.build_model(), digits.cut, digits.input_shape, budget=4)
+    chain = server_chain(server_model, build_optimizer(server_model.parameters(), "adam", 1e-3))
+    context = zmq.asyncio.Context()
+    allow = AllowList(keys.parent / "train", keys.parent / "infer")
+    authenticator = start_authenticator(context, allow)
+    address = f"ipc://{tmp_path}/secure-{uuid.uuid4().hex[:8]}.sock"
+    connection = bind_router(context, address, options=[curve_server(load_key_pair(keys / "server.key_secret"))])
+    server = SplitServer(digits.name, chain, cut, digits.num_classes, connection, allow=allow, reveal=reveal)
+    task = asyncio.create_task(server.serve())
+
+    def client(name: str):
+        pair, server_public = load_key_pair(keys / f"{name}.key_secret"), load_public_key(keys / "server.key")
+        return connect_dealer(context, address, options=[curve_client(pair, server_public)])
+
+    try:
+        yield server, client, cut
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        connection.close()
+        authenticator.stop()
+        context.term()
+
+
+async def _ask(connection, message, timeout=10.0):
+    await connection.send(encode_message(message))
+    _, frames = await asyncio.wait_for(connection.recv(), timeout)
+    return decode_message(frames)
+
+
+def _step(cut, session: str, step: int) -> Activations:
+    values = torch.randn(8, 4, cut.sent_height, cut.sent_width)
+    return Activations(3, session, "fp32", False, cut.channels, torch.arange(4), values, torch.randint(0, 10, (8,)),
+                       step)
+
+
+async def test_a_session_belongs_to_its_key_across_reconnects_and_no_other_key_can_use_it(tmp_path, keys):
+    async with secure_server(tmp_path, keys) as (server, client, cut):
+        first = client("alice")
+        welcome = await _ask(first, Hello(1, digits.name, 32, 4, "fp32", False, "train"))
+        assert isinstance(welcome, Welcome)
+        assert isinstance(await _ask(first, _step(cut, welcome.session, 0)), Gradients)
+        first.close()
+        again = client("alice")  # a new socket, so a new routing id: the same key
+        assert isinstance(await _ask(again, _step(cut, welcome.session, 1)), Gradients)
+        other = client("bob")
+        taken = await _ask(other, _step(cut, welcome.session, 2))
+        assert isinstance(taken, ErrorReply) and taken.code == "unknown_session"
+        assert server.stats.steps_applied == 2
+        assert server.sessions[welcome.session].owner == load_key_pair(keys / "alice.key_secret").public
+        for connection in (again, other):
+            connection.close()
+
+
+async def test_a_key_removed_from_the_allow_list_is_refused_at_its_next_connection(tmp_path, keys):
+    async with secure_server(tmp_path, keys) as (server, client, cut):
+        (keys.parent / "train" / "bob.key").unlink()
+        time.sleep(0.01)  # a new folder mtime
+        refused = client("bob")
+        await refused.send(encode_message(Hello(1, digits.name, 32, 4, "fp32", False, "train")))
+        assert not await refused.socket.poll(1500)  # the handshake never completes: no message reaches the server
+        assert server.allow.refused >= 1
+        refused.close()
+
+
+async def test_refusals_reveal_nothing_about_the_model_unless_allowed(tmp_path, keys):
+    async with secure_server(tmp_path, keys, reveal=False) as (server, client, cut):
+        connection = client("alice")
+        reply = await _ask(connection, Hello(1, "guess", 32, 4, "fp32", False, "train"))
+        assert isinstance(reply, ErrorReply) and reply.code == "handshake_refused"
+        assert "digits_cnn" not in reply.message and "32" not in reply.message
+        connection.close()
+
+
+@pytest.mark.parametrize("address, local", [("tcp://127.0.0.1:5555", True), ("tcp://localhost:*", True),
+                                            ("ipc:///tmp/x.sock", True), ("inproc://x", True),
+                                            ("tcp://[::1]:5555", True), ("tcp://0.0.0.0:5555", False),
+                                            ("tcp://192.168.1.10:5555", False), ("tcp://*:5555", False)])
+def test_which_addresses_only_this_machine_can_reach(address, local):
+    assert is_local(address) is local
