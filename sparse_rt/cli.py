@@ -338,6 +338,10 @@ def _edges_table(combined: dict) -> str:
               help="Server: refuse training steps whose gradient norm is above this.  [default: no bound]")
 @click.option("--max-lr-scale", type=click.FloatRange(min=0, min_open=True),
               help="Server: the largest learning-rate factor applied for a peer's step.  [default: 10]")
+@click.option("--max-sessions", type=click.IntRange(min=1),
+              help="Server: open sessions at once, all peers together.  [default: 1024]")
+@click.option("--session-idle", type=click.FloatRange(min=0, min_open=True),
+              help="Server: seconds without a message after which a session ends.  [default: 600]")
 def node(config_file: Path | None, **options) -> None:
     """Run one node: a server that trains and serves the tail, or an edge that
     runs the head. Stop either with Ctrl-C or SIGTERM: it finishes its step,
@@ -353,7 +357,7 @@ def node(config_file: Path | None, **options) -> None:
     import logging
 
     from sparse_rt.config import load_node_config
-    from sparse_rt.nodes.node import run_edge_node, run_server_node
+    from sparse_rt.nodes.node import EXIT_SAVE_FAILED, run_edge_node, run_server_node
 
     config = load_node_config(config_file, options)
     logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s {config.role} %(levelname)s %(message)s")
@@ -361,6 +365,8 @@ def node(config_file: Path | None, **options) -> None:
         summary = asyncio.run(run_server_node(config))
         if config.json:
             click.echo(json.dumps(summary))
+        if summary["checkpoint_saved"] is False:
+            raise SystemExit(EXIT_SAVE_FAILED)
         return
     result, code = asyncio.run(run_edge_node(config))
     if config.json:

@@ -9,6 +9,7 @@ from typing import Any
 from sparse_rt.assembly import DEFAULT_MAX_LR_SCALE
 from sparse_rt.errors import ConfigError
 from sparse_rt.pipeline import Pipeline, TrainingSettings
+from sparse_rt.server.sessions import MAX_SESSIONS, SESSION_IDLE_SECONDS
 from sparse_rt.train.schedules import deprune, parse_phases
 from sparse_rt.wire.codecs import codec_names
 from sparse_rt.wire.header import MAX_CHANNELS
@@ -97,6 +98,8 @@ class NodeConfig:
     server_key: Path | None = None  # edge: the server's NAME.key
     max_grad_norm: float | None = None  # server: refuse a step whose gradient norm is above this (None: no bound)
     max_lr_scale: float = DEFAULT_MAX_LR_SCALE  # server: the largest learning-rate factor it applies for a peer
+    max_sessions: int = MAX_SESSIONS  # server: open sessions at once
+    session_idle: float = SESSION_IDLE_SECONDS  # server: seconds without a message after which a session ends
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -121,7 +124,7 @@ class NodeConfig:
         for name in ("checkpoint_every", "retries"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        for name in ("max_batch", "inflight"):
+        for name in ("max_batch", "inflight", "max_sessions"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         allowing = self.allow_keys is not None or self.allow_infer_keys is not None
@@ -131,7 +134,7 @@ class NodeConfig:
         if self.role == "edge" and (self.curve_key is None) != (self.server_key is None):
             raise ConfigError("CURVE on an edge needs both --curve-key (its .key_secret) and --server-key "
                               "(the server's .key)")
-        for name in ("max_grad_norm", "max_lr_scale"):
+        for name in ("max_grad_norm", "max_lr_scale", "session_idle"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{name} must be positive, got {value}")

@@ -6,6 +6,14 @@ bad options, a peer's refusal); any other exception is a bug in sparse-rt.
 from __future__ import annotations
 
 
+def printable(text: object) -> str:
+    """``text`` with every control character escaped (a newline as \\n), for logging what a peer sent.
+
+    A peer's string written raw could forge a log line of its own.
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 class SparseRtError(Exception):
     """Base class for errors caused by input, configuration or a peer."""
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import shutil
 import stat
@@ -203,3 +204,73 @@ async def test_refusals_reveal_nothing_about_the_model_unless_allowed(tmp_path, 
                                             ("tcp://192.168.1.10:5555", False), ("tcp://*:5555", False)])
 def test_which_addresses_only_this_machine_can_reach(address, local):
     assert is_local(address) is local
+
+
+async def test_a_peers_text_cannot_forge_a_line_in_the_servers_log(tmp_path, caplog):
+    from tests.test_server_chain import ask, batch, serving
+
+    forged = "x\n2026-12-02 00:00:00 server INFO session granted to attacker"
+    async with serving(tmp_path) as (server, raw, cut, _):
+        with caplog.at_level("INFO", logger="sparse_rt.server"):
+            reply = await ask(raw, batch(cut, forged))
+            assert isinstance(reply, ErrorReply) and reply.code == "unknown_session"
+            hello = await ask(raw, Hello(1, "evil\r\npipeline", 32, 4, "fp32", False, "train"))
+            assert isinstance(hello, ErrorReply)
+    lines = [record.getMessage() for record in caplog.records if record.name == "sparse_rt.server"]
+    assert any("x\\n2026-12-02" in line for line in lines), lines
+    assert any("evil\\r\\npipeline" in line for line in lines), lines
+    assert not any("\n" in line or "\r" in line for line in lines)
+
+
+# -- disk faults ------------------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_that_cannot_be_written_is_refused_at_start(start, tmp_path):
+    (tmp_path / "not-a-folder").write_text("a file")
+    server = start("server", bind="tcp://127.0.0.1:*", checkpoint=tmp_path / "not-a-folder" / "tail.pt")
+    code, _ = server.finish(timeout=120)
+    assert code == 2 and "cannot write a checkpoint there" in "".join(server.log)
+
+
+def test_a_disk_that_fails_mid_run_is_a_warning_then_an_exit_code_not_a_crash(start, tmp_path):
+    folder = tmp_path / "ckpt"
+    server = start("server", bind="tcp://127.0.0.1:*", json=True, checkpoint=folder / "tail.pt", checkpoint_every=5)
+    address = server.wait_ready()
+    edge = start("edge", connect=address, epochs=2, json=True, checkpoint=folder / "head.pt", checkpoint_every=5)
+    deadline = time.monotonic() + 120
+    while not (folder / "tail.pt").exists() and time.monotonic() < deadline:  # the first periodic save worked
+        time.sleep(0.05)
+    shutil.rmtree(folder)
+    folder.write_text("the disk is gone")  # every later save fails (even for root, unlike a read-only folder)
+    code, stdout = edge.finish(timeout=300)  # the edge trained on and printed its summary, with its own exit code
+    trained = json.loads(stdout)
+    assert code == 3 and trained["steps"] > 20 and trained["test_accuracy"] > 0.5
+    assert "could not save the head" in "".join(edge.log) and "Traceback" not in "".join(edge.log)
+    assert sum("could not save the head" in line for line in edge.log) < 10  # not one line per failed step
+    server.stop()
+    code, stdout = server.finish(timeout=60)
+    summary = json.loads(stdout)
+    assert code == 3 and summary["checkpoint_saved"] is False and summary["checkpoint_failures"] >= 2
+    assert summary["steps_applied"] == trained["steps"] and summary["errors"] == 0
+    assert "could not save the tail" in "".join(server.log) and "Traceback" not in "".join(server.log)
+
+
+def test_a_failed_periodic_save_is_retried_every_step_until_the_disk_is_back(tmp_path):
+    from sparse_rt.store.checkpoint import Checkpointer
+
+    written: list[int] = []
+    broken = {"now": False}
+    step = {"n": 0}
+
+    def write(path: Path) -> None:
+        if broken["now"]:
+            raise OSError(28, "No space left on device")
+        written.append(step["n"])
+
+    saver = Checkpointer(tmp_path / "x.pt", every=10, write=write, what="tail")
+    for step["n"] in range(1, 41):
+        broken["now"] = 10 <= step["n"] < 25
+        saver.after_step(step["n"])
+    assert written == [25, 30, 40] and saver.failures == 15  # failed at 10, then every step 11..24, back at 25
+    broken["now"] = True
+    assert saver.final() is False

@@ -21,7 +21,7 @@ import zmq.asyncio
 from sparse_rt.config import NodeConfig, shard_index
 from sparse_rt.pipeline import get_pipeline
 from sparse_rt.assembly import largest_frame, server_chain, server_side
-from sparse_rt.store.checkpoint import read_checkpoint, save_checkpoint
+from sparse_rt.store.checkpoint import Checkpointer, check_writable, read_checkpoint, save_checkpoint
 from sparse_rt.edge.client import EdgeClient
 from sparse_rt.train.local import load_data
 from sparse_rt.metrics import MetricsLog
@@ -39,6 +39,7 @@ from sparse_rt.wire.header import MAX_HEADER_BYTES
 log = logging.getLogger("sparse_rt.node")
 
 EXIT_STOPPED = 130  # an edge stopped by a signal before finishing its epochs
+EXIT_SAVE_FAILED = 3  # the node finished, but its final checkpoint could not be written (the log says why)
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -75,13 +76,11 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
         steps_before = int(read_checkpoint(config.checkpoint).restore(model, optimizer).get("steps", 0))
         log.info("resumed the tail from %s after %d steps", config.checkpoint, steps_before)
 
-    def save(steps_applied: int) -> None:
-        save_checkpoint(config.checkpoint, model, optimizer, pipeline=pipeline.name, resolution=resolution,
-                        steps=steps_before + steps_applied)
-
-    def after_step(steps_applied: int) -> None:
-        if config.checkpoint is not None and config.checkpoint_every and steps_applied % config.checkpoint_every == 0:
-            save(steps_applied)
+    if config.checkpoint is not None:
+        check_writable(config.checkpoint)
+    checkpoints = Checkpointer(config.checkpoint, config.checkpoint_every, lambda path: save_checkpoint(
+        path, model, optimizer, pipeline=pipeline.name, resolution=resolution,
+        steps=steps_before + server.stats.steps_applied), "tail")
 
     context = zmq.asyncio.Context()
     allow, authenticator, options = None, None, []
@@ -100,8 +99,9 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     chain = server_chain(model, optimizer, max_grad_norm=config.max_grad_norm or math.inf,
                          max_lr_scale=config.max_lr_scale)
     server = SplitServer(pipeline.name, chain, cut, pipeline.num_classes, connection,
-                         metrics=metrics, after_step=after_step, model_set=model_set, allow=allow,
-                         reveal=allow is not None or is_local(config.bind))
+                         metrics=metrics, after_step=checkpoints.after_step, model_set=model_set, allow=allow,
+                         reveal=allow is not None or is_local(config.bind), max_sessions=config.max_sessions,
+                         session_idle=config.session_idle)
     stop = stop_on_signals()
     log.info("serving %s on %s: cut after '%s', %d channels of %dx%d (sent at %dx%d)", pipeline.name, endpoint,
              pipeline.cut, cut.channels, cut.height, cut.width, cut.sent_height, cut.sent_width)
@@ -113,8 +113,8 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
         stopping.cancel()
         serving.cancel()
         outcome = (await asyncio.gather(serving, return_exceptions=True))[0]
-        if config.checkpoint is not None:
-            save(server.stats.steps_applied)
+        saved = checkpoints.final()
+        if config.checkpoint is not None and saved:
             log.info("saved the tail to %s", config.checkpoint)
         connection.close()
         if authenticator is not None:
@@ -128,8 +128,11 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
              stats.inferences, stats.errors, stats.sessions_opened)
     return {"role": "server", "pipeline": pipeline.name, "address": endpoint, "steps_applied": stats.steps_applied,
             "inferences": stats.inferences, "errors": stats.errors, "sessions_opened": stats.sessions_opened,
+            "sessions_expired": stats.sessions_expired, "steps_in_expired_sessions": stats.steps_in_expired_sessions,
             "keys_refused": allow.refused if allow is not None else 0,
             "steps_refused": chain.optimizer.guard.refused if chain.optimizer and chain.optimizer.guard else 0,
+            "checkpoint_saved": saved if config.checkpoint is not None else None,
+            "checkpoint_failures": checkpoints.failures,
             "steps_per_session": stats.steps_per_session, "bytes_in": connection.traffic.bytes_received,
             "bytes_out": connection.traffic.bytes_sent, "seconds": round(time.perf_counter() - started, 3)}
 
@@ -151,13 +154,20 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
                         curve_key=config.curve_key, server_key=config.server_key)
     stop = stop_on_signals()
     result = TrainingResult(math.nan, 0, False)
+    if config.checkpoint is not None and config.mode == "train":
+        check_writable(config.checkpoint)
+    position = {"epoch": 0}  # the epoch the next save records as done
+    checkpoints = Checkpointer(config.checkpoint if config.mode == "train" else None, config.checkpoint_every,
+                               lambda path: client.save(path, epochs_done=position["epoch"],
+                                                        steps=client.session.steps), "head")
+    saved = True
     async with client:
         log.info("connected to %s: %s session, %d of %d channels as %s%s", config.connect, config.mode,
                  client.budget, client.cut.channels, config.codec, " + lz4" if config.lz4 else "")
         if config.mode == "train":
             def checkpoint(step: int, epoch: int) -> None:
-                if config.checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-                    client.save(config.checkpoint, epochs_done=epoch, steps=step)
+                position["epoch"] = epoch
+                checkpoints.after_step(step)
 
             first_epoch = int(client.resumed.get("epochs_done", 0))
             plan = (deprune(parse_phases(config.phases, client.cut.channels), config.boost, config.boost_epochs)
@@ -165,8 +175,9 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
             result = await train(client.session, train_loader, plan,
                                  samples_per_epoch=len(data.y_train),
                                  first_epoch=first_epoch, progress=False, stop=stop, after_step=checkpoint)
-            if config.checkpoint is not None:
-                client.save(config.checkpoint, epochs_done=result.epochs_done, steps=client.session.steps)
+            position["epoch"] = result.epochs_done
+            saved = checkpoints.final()
+            if config.checkpoint is not None and saved:
                 log.info("saved the head to %s", config.checkpoint)
         trained = replace(client.traffic)
         accuracy = math.nan if result.stopped else await client.evaluate(test_loader, config.inflight)
@@ -176,4 +187,4 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
                             traffic=client.traffic, trained=trained, train_samples=len(data.y_train),
                             test_samples=len(data.y_test), steps=client.session.steps, started=started)
     log.info("done: test accuracy %.4f after %d steps", accuracy, summary.steps)
-    return summary, EXIT_STOPPED if result.stopped else 0
+    return summary, EXIT_STOPPED if result.stopped else 0 if saved else EXIT_SAVE_FAILED

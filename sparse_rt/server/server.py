@@ -25,10 +25,11 @@ from typing import Any, Callable, NamedTuple
 import torch
 import zmq
 
-from sparse_rt.errors import WireError
+from sparse_rt.errors import WireError, printable
 from sparse_rt.metrics import MetricsLog, StageTimer
 from sparse_rt.model.sides import CutShape
-from sparse_rt.server.sessions import ServedCut, ServerStats, Session, SessionTable
+from sparse_rt.server.sessions import (MAX_SESSIONS, SESSION_IDLE_SECONDS, ServedCut, ServerStats, Session,
+                                       SessionTable)
 from sparse_rt.server.trust import TRAIN, AllowList
 from sparse_rt.stages.base import Cut, StepContext
 from sparse_rt.stages.chain import ServerChain
@@ -71,14 +72,16 @@ class SplitServer:
                  connection: Transport, queue_size: int = 16, metrics: MetricsLog | None = None,
                  after_step: Callable[[int], None] | None = None,
                  model_set: dict[int, ServerChain] | None = None, allow: AllowList | None = None,
-                 reveal: bool = True) -> None:
+                 reveal: bool = True, max_sessions: int = MAX_SESSIONS,
+                 session_idle: float = SESSION_IDLE_SECONDS) -> None:
         self.chain = chain
         self.allow = allow  # with CURVE: the keys let in, and which of them may train
         self.model_set = model_set
         resolution = int(getattr(chain.decompressor.module, "resolution", 0))
         self.table = SessionTable(ServedCut(pipeline, cut, num_classes, resolution,
                                             None if model_set is None else frozenset(model_set),
-                                            trains=chain.trains and model_set is None), reveal)
+                                            trains=chain.trains and model_set is None), reveal, max_sessions,
+                                  session_idle)
         self.connection = connection
         self.metrics = metrics or MetricsLog(None)
         self.after_step = after_step  # called in the worker thread, after the reply, with the count of applied steps
@@ -96,19 +99,26 @@ class SplitServer:
 
     async def serve(self) -> None:
         """Run until cancelled."""
-        worker = asyncio.create_task(self._work(), name="tail worker")
-        reader = asyncio.create_task(self._read(), name="reader")
+        tasks = {asyncio.create_task(self._work(), name="tail worker"),
+                 asyncio.create_task(self._read(), name="reader"),
+                 asyncio.create_task(self._expire(), name="session expiry")}
         try:
-            # Either ending is the end of serving: a worker that died (a bug) must not leave a reader that
+            # Any ending is the end of serving: a worker that died (a bug) must not leave a reader that
             # fills the queue and then hangs every edge.
-            done, _ = await asyncio.wait({worker, reader}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
         finally:
-            worker.cancel()
-            reader.cancel()
-            await asyncio.gather(worker, reader, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._executor.shutdown(wait=True)
+
+    async def _expire(self) -> None:
+        """End idle sessions now and then (a dead edge's session, and its stored reply, must not stay forever)."""
+        while True:
+            await asyncio.sleep(min(self.table.idle_seconds / 4, 30.0))
+            self.table.expire()
 
     async def _read(self) -> None:
         while True:
@@ -135,7 +145,7 @@ class SplitServer:
 
     async def _refuse(self, route: bytes, exc: WireError) -> None:
         self.stats.errors += 1
-        log.warning("refused a message from %s: %s", route.hex(), exc)
+        log.warning("refused a message from %s: %s", route.hex(), printable(exc))
         await self.connection.send(error_frames(exc.request_id, exc.code, str(exc)), route)
 
     def _owner(self, route: bytes, frames: list[zmq.Frame]) -> bytes:
@@ -154,7 +164,7 @@ class SplitServer:
             session = self.table.open(owner, hello, may_train)
         except WireError as exc:
             self.stats.errors += 1
-            log.warning("refused a handshake from %s: %s", route.hex(), exc)
+            log.warning("refused a handshake from %s: %s", route.hex(), printable(exc))
             return error_frames(exc.request_id, exc.code, str(exc))
         return encode_message(Welcome(hello.id, session.id))
 
@@ -213,7 +223,7 @@ class SplitServer:
                               computed)
         except WireError as exc:
             self.stats.errors += 1
-            log.warning("refused a message from %s: %s", route.hex(), exc)
+            log.warning("refused a message from %s: %s", route.hex(), printable(exc))
             return Answer("error", request_id, error_frames(exc.request_id or request_id, exc.code, str(exc)))
         except Exception as exc:  # a bug must not take down everyone's server
             self.stats.errors += 1

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sparse_rt.errors import WireError
+from sparse_rt.errors import WireError, printable
 from sparse_rt.model.sides import CutShape
 from sparse_rt.wire.codecs import codec_names, get_codec
 from sparse_rt.wire.messages import Activations, Hello
 
 log = logging.getLogger("sparse_rt.server")
+
+MAX_SESSIONS = 1024  # open sessions at once, all peers together
+MAX_SESSIONS_PER_PEER = 64  # open sessions of one peer (key, or socket without CURVE)
+SESSION_IDLE_SECONDS = 600.0  # a session without a message for this long ends
 
 
 @dataclass
@@ -35,6 +40,7 @@ class Session:
     grad_lz4: bool = False
     last_step: int = -1
     last_reply: Any = None  # the Gradients of last_step, answered again if that step is resent
+    last_seen: float = field(default_factory=time.monotonic)  # for idle expiry
 
 
 @dataclass
@@ -43,7 +49,9 @@ class ServerStats:
     inferences: int = 0
     errors: int = 0
     sessions_opened: int = 0
-    steps_per_session: dict[str, int] = field(default_factory=dict)
+    sessions_expired: int = 0
+    steps_per_session: dict[str, int] = field(default_factory=dict)  # open sessions only (bounded with them)
+    steps_in_expired_sessions: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,9 +72,13 @@ class ServedCut:
 class SessionTable:
     """Opens sessions and checks every message against its session and the step rule."""
 
-    def __init__(self, served: ServedCut, reveal: bool = True) -> None:
+    def __init__(self, served: ServedCut, reveal: bool = True, max_sessions: int = MAX_SESSIONS,
+                 idle_seconds: float = SESSION_IDLE_SECONDS, max_per_owner: int = MAX_SESSIONS_PER_PEER) -> None:
         self.served = served
         self.reveal = reveal  # False: a refused handshake is told nothing about the model (the log has why)
+        self.max_sessions = max_sessions
+        self.max_per_owner = max(1, min(max_per_owner, max_sessions))
+        self.idle_seconds = idle_seconds
         self.sessions: dict[str, Session] = {}
         self.stats = ServerStats()
 
@@ -78,9 +90,11 @@ class SessionTable:
         problem = self._check_hello(hello)
         if problem is None and hello.mode == "train" and not may_train:
             problem = "this key is allowed inference only"
+        if problem is None:
+            self._make_room(owner, hello.id)
         if problem:
             if not self.reveal:
-                log.warning("refused a handshake: %s", problem)
+                log.warning("refused a handshake: %s", printable(problem))
                 problem = "handshake refused (the server's log says why)"
             raise WireError(problem, "handshake_refused", hello.id)
         grad_codec = hello.codec if hello.grad_codec is None else hello.grad_codec
@@ -126,9 +140,34 @@ class SessionTable:
         """The message's session, checked against it (owner, mode, codec, budget, shape, labels)."""
         session = self.sessions.get(message.session)
         if session is None or session.owner != owner:
-            raise WireError(f"unknown session '{message.session}'; open one with a hello first", "unknown_session")
+            raise WireError(f"unknown session '{message.session}' (never opened, opened by another peer, or "
+                            "expired after being idle); open one with a hello", "unknown_session")
+        session.last_seen = time.monotonic()
         self._check(session, message)
         return session
+
+    def _make_room(self, owner: bytes, request_id: int) -> None:
+        """Caps, so that no peer (nor all of them) can grow the table without bound; idle sessions go first."""
+        if len(self.sessions) >= self.max_sessions:
+            self.expire()
+        if len(self.sessions) >= self.max_sessions:
+            raise WireError(f"the server holds its most sessions ({self.max_sessions}); try again later", "busy",
+                            request_id)
+        if sum(session.owner == owner for session in self.sessions.values()) >= self.max_per_owner:
+            raise WireError(f"this peer holds its most sessions ({self.max_per_owner}); reuse one", "busy",
+                            request_id)
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """End the sessions idle for longer than ``idle_seconds``, their stored replies with them."""
+        now = time.monotonic() if now is None else now
+        idle = [sid for sid, session in self.sessions.items() if now - session.last_seen > self.idle_seconds]
+        for sid in idle:
+            del self.sessions[sid]
+            self.stats.sessions_expired += 1
+            self.stats.steps_in_expired_sessions += self.stats.steps_per_session.pop(sid, 0)
+        if idle:
+            log.info("expired %d idle session(s); %d open", len(idle), len(self.sessions))
+        return idle
 
     def _check(self, session: Session, message: Activations) -> None:
         served, cut = self.served, self.served.cut

@@ -8,16 +8,19 @@ tensors and plain containers only, and a crafted file cannot execute code.
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from sparse_rt.errors import DataError
+from sparse_rt.errors import ConfigError, DataError
+
+log = logging.getLogger("sparse_rt.checkpoint")
 
 FORMAT = "sparse-rt-checkpoint/1"
 
@@ -84,3 +87,55 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("model"), dict):
         raise DataError(f"{path}: not a sparse-rt checkpoint (expected format {FORMAT})")
     return Checkpoint(path, state["model"], state.get("optimizer"), dict(state.get("meta", {})))
+
+
+def check_writable(path: Path) -> None:
+    """At start, not at the first save: a checkpoint that cannot be written is a one-line ConfigError now."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write a checkpoint there ({exc.strerror or exc})") from None
+
+
+class Checkpointer:
+    """A node's saves: every ``every`` steps and at the end, where a failed save is a warning, not a crash.
+
+    A failed periodic save (a full or read-only disk) is logged and tried
+    again at the next step, so training goes on and the checkpoint catches up
+    once the disk does; a failed final save is logged and reported by
+    :meth:`final` returning False (the node's own exit code).
+    """
+
+    def __init__(self, path: Path | None, every: int, write: Callable[[Path], None], what: str) -> None:
+        self.path, self.every, self.write, self.what = path, every, write, what
+        self.failures = 0
+        self._behind = False  # the last attempt failed: try again at the next step
+
+    def after_step(self, steps: int) -> None:
+        if self.path is not None and self.every and (self._behind or steps % self.every == 0):
+            self._attempt(f"after step {steps}")
+
+    def final(self) -> bool:
+        """Save once more (a clean stop); False if that failed."""
+        return self.path is None or self._attempt("at the end")
+
+    def _attempt(self, when: str) -> bool:
+        assert self.path is not None
+        try:
+            self.write(self.path)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
+            self.failures += 1
+            self._behind = True
+            final = when == "at the end"
+            if final or self.failures & (self.failures - 1) == 0:  # the 1st, 2nd, 4th, 8th... failure: no flood
+                then = "the node stops without it" if final else "training goes on; retried at every step"
+                log.error("could not save the %s %s to %s (%s; %d failed so far): %s", self.what, when, self.path,
+                          exc, self.failures, then)
+            return False
+        if self._behind:
+            log.info("saved the %s to %s again after %d failed attempts", self.what, self.path, self.failures)
+        self._behind = False
+        return True

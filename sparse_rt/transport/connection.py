@@ -43,6 +43,8 @@ def frame_bytes(frames: Sequence[Any]) -> int:
     return sum(memoryview(frame).nbytes for frame in frames)
 
 
+HEARTBEAT_SECONDS = 10.0  # ZMTP heartbeat interval on every socket of ours
+
 # Configures a socket before it binds or connects (options such as CURVE keys must come first).
 SocketOption = Callable[[zmq.Socket], None]
 
@@ -50,6 +52,19 @@ SocketOption = Callable[[zmq.Socket], None]
 def sockopt(option: int, value: Any) -> SocketOption:
     """A plain ZeroMQ socket option, e.g. ``sockopt(zmq.SNDHWM, 100)``."""
     return lambda socket: socket.setsockopt(option, value)
+
+
+def heartbeats(interval_s: float = HEARTBEAT_SECONDS) -> SocketOption:
+    """ZMTP heartbeats: a peer silent for three intervals (a dead machine, a cut cable) is disconnected.
+
+    Without them a TCP connection to a vanished peer can look alive for
+    hours, holding ZeroMQ's buffers for it.
+    """
+    def apply(socket: zmq.Socket) -> None:
+        socket.setsockopt(zmq.HEARTBEAT_IVL, int(interval_s * 1000))
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(3 * interval_s * 1000))
+        socket.setsockopt(zmq.HEARTBEAT_TTL, int(3 * interval_s * 1000))
+    return apply
 
 
 def max_message_size(nbytes: int) -> SocketOption:
@@ -163,7 +178,7 @@ def _layered(connection: Connection, shaper: Shaper | None) -> Counted:
 
 
 def _options(max_message_bytes: int | None, options: Iterable[SocketOption]) -> list[SocketOption]:
-    return [*([] if max_message_bytes is None else [max_message_size(max_message_bytes)]), *options]
+    return [heartbeats(), *([] if max_message_bytes is None else [max_message_size(max_message_bytes)]), *options]
 
 
 def bind_router(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None,

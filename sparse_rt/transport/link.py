@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import zmq
 
-from sparse_rt.errors import WireError
+from sparse_rt.errors import WireError, printable
 from sparse_rt.transport.connection import Transport
 from sparse_rt.wire.header import decode_header
 
@@ -80,7 +80,7 @@ class RequestLink:
             try:
                 header = decode_header(frames[0].bytes)
             except WireError as exc:
-                log.warning("dropping an unreadable reply from %s: %s", self.address, exc)
+                log.warning("dropping an unreadable reply from %s: %s", self.address, printable(exc))
                 continue
             request_id = header["id"]
             waiting = self._pending.get(request_id)
