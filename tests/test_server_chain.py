@@ -22,6 +22,7 @@ from sparse_rt.assembly import server_chain
 from sparse_rt.errors import ConfigError
 from sparse_rt.metrics import MetricsLog
 from sparse_rt.model.sides import build_sides
+from sparse_rt.server import server as server_module
 from sparse_rt.server.server import SplitServer
 from sparse_rt.stages.base import Cut, Stage, StepContext
 from sparse_rt.stages.optimizer import build_optimizer
@@ -147,13 +148,16 @@ class SlowPerSample(Stage):
         return cut
 
 
-async def test_small_cheap_steps_do_not_teach_the_server_to_run_a_big_step_on_its_loop(tmp_path):
-    slow = SlowPerSample(ms_per_sample=0.5)
+async def test_small_cheap_steps_do_not_teach_the_server_to_run_a_big_step_on_its_loop(tmp_path, monkeypatch):
+    # A wide margin on both sides of the line, so a loaded machine cannot blur it: 1-sample steps take a few
+    # ms against a 50 ms line; the 64-sample step takes over 128 ms.
+    monkeypatch.setattr(server_module, "INLINE_STEP_MS", 50.0)
+    slow = SlowPerSample(ms_per_sample=2.0)
     async with serving(tmp_path, stages=[slow]) as (server, raw, cut, _):
         session = await open_session(raw)
-        for step in range(20):  # 1-sample steps: about 1 ms each, learned as cheap
+        for step in range(20):  # 1-sample steps, learned as cheap
             assert isinstance(await ask(raw, batch(cut, session, step, n=1)), Gradients)
-        assert isinstance(await ask(raw, batch(cut, session, 20, n=64)), Gradients)  # over 32 ms
+        assert isinstance(await ask(raw, batch(cut, session, 20, n=64)), Gradients)  # over 128 ms
     small = {thread for n, thread in slow.threads if n == 1}
     assert any(thread == threading.main_thread().name for thread in small), small  # the cheap ones ran inline
     assert [thread for n, thread in slow.threads if n == 64] != [threading.main_thread().name]

@@ -53,7 +53,9 @@ import logging
 import multiprocessing
 import pickle  # dumps only, to build the peer's own request format: nothing here ever unpickles
 import re
+import shutil
 import statistics
+import tempfile
 import sys
 import time
 from collections import OrderedDict
@@ -72,6 +74,7 @@ from sparse_rt.bench.common import (BenchReport, bench_options, check_applied, e
                                     stop_server, torch_threads)
 from sparse_rt.bench.transport import Bench
 from sparse_rt.data.datasets import TensorSplit
+from sparse_rt.transport.curve import generate_keys
 
 if TYPE_CHECKING:
     from sparse_rt.nodes.launch import NodeProcess
@@ -89,6 +92,7 @@ TARGET_OVERHEAD_MS = 0.6  # train overhead_ms wanted at TARGET_SHAPE, TARGET_COD
 _SYNTHETIC = re.compile(r"synthetic_([1-9][0-9]*)x([1-9][0-9]*)x([1-9][0-9]*)")
 COLUMNS = ("mode", "bytes_up", "bytes_down", "raw_ms", "compute_ms", "sparse_rt_ms", "overhead_ms", "ratio_vs_raw")
 PEER_COLUMNS = ("peer_ms", "peer_vs_raw")
+CURVE_COLUMNS = ("sparse_rt_curve_ms", "curve_cost_ms")
 
 
 def build_model(channels: int, height: int, width: int) -> nn.Sequential:
@@ -363,11 +367,14 @@ def measure_mode(mode: str, raw: Bench, runs: dict[str, dict[str, Callable[[], f
            **{f"{way}_min_ms": min(seconds) * 1e3 for way, seconds in samples.items()}}
     if "peer" in ms:
         row.update(peer_ms=ms["peer"], peer_vs_raw=ms["peer"] / ms["raw"])
+    if "sparse_rt_curve" in ms:
+        row.update(sparse_rt_curve_ms=ms["sparse_rt_curve"], curve_cost_ms=ms["sparse_rt_curve"] - ms["sparse_rt"])
     return row
 
 
 def run_exchange(shape: tuple[int, int, int, int], budget: int | None, codec: str, repeats: int, warmup: int,
-                 threads: int, seed: int, peer_path: Path | None = None, offload: bool = True) -> BenchReport:
+                 threads: int, seed: int, peer_path: Path | None = None, offload: bool = True,
+                 curve: bool = False) -> BenchReport:
     """Measure train and infer exchanges raw, compute and sparse-rt (and the peer framework); returns the report."""
     batch, channels, height, width = shape
     budget = channels if budget is None else budget
@@ -378,16 +385,16 @@ def run_exchange(shape: tuple[int, int, int, int], budget: int | None, codec: st
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, height, width, generator=generator)
     y = torch.randint(0, CLASSES, (batch,), generator=generator)
-    report = BenchReport("exchange", COLUMNS + (PEER_COLUMNS if peer_path else ()))
+    report = BenchReport("exchange", COLUMNS + (PEER_COLUMNS if peer_path else ()) + (CURVE_COLUMNS if curve else ()))
     with torch_threads(threads):
         used_threads = torch.get_num_threads()
-        report.rows = _measure(pipeline, x, y, budget, codec, repeats, warmup, seed, peer_path, offload)
+        report.rows = _measure(pipeline, x, y, budget, codec, repeats, warmup, seed, peer_path, offload, curve)
     report.settings = {"batch": batch, "channels": channels, "height": height, "width": width, "budget": budget,
                        "codec": codec, "lz4": False, "edge_torch_work": "worker thread" if offload else "event loop",
                        "repeats": repeats, "warmup": warmup, "seed": seed,
                        "torch_threads": used_threads, "server_pipeline": pipeline_reference(channels, height, width),
                        "transport": "tcp://127.0.0.1", "peer": "sparse-framework 1.1.0" if peer_path else None,
-                       "peer_path": str(peer_path) if peer_path else None,
+                       "peer_path": str(peer_path) if peer_path else None, "curve": curve,
                        "targets": {"train_overhead_ms": TARGET_OVERHEAD_MS, "at": _target_settings()}}
     report.notes = _notes(report, peer_path is not None)
     return report
@@ -412,21 +419,41 @@ def start_processes(reference: str, seed: int, batch: int) -> tuple[Bench, NodeP
 
 
 def _measure(pipeline: Pipeline, x: torch.Tensor, y: torch.Tensor, budget: int, codec: str, repeats: int,
-             warmup: int, seed: int, peer_path: Path | None, offload: bool = True) -> list[dict[str, Any]]:
+             warmup: int, seed: int, peer_path: Path | None, offload: bool = True,
+             curve: bool = False) -> list[dict[str, Any]]:
     """Start the raw peer, the server (and the framework peer), measure both modes, stop them all."""
     channels, height, width = pipeline.input_shape
+    reference = pipeline_reference(channels, height, width)
     runs = {"compute": {mode: timed(run) for mode, run in compute_runs(pipeline, budget, seed, x, y).items()}}
-    raw, server, address = start_processes(pipeline_reference(channels, height, width), seed, len(x))
+    raw, server, address = start_processes(reference, seed, len(x))
+    keys = tempfile.TemporaryDirectory(prefix="sparse-rt-bench-keys-") if curve else None
+    secure: tuple[NodeProcess, str] | None = None
     loop = asyncio.new_event_loop()
     client: EdgeClient | None = None
+    secure_client: EdgeClient | None = None
     peer: FrameworkPeer | None = None
     failed = True
     rows = []
+
+    def connect(at: str, **keys_given: Any) -> EdgeClient:
+        made = EdgeClient(pipeline, at, mode="train", budget=budget, codec=codec, seed=seed, timeout=REQUEST_TIMEOUT,
+                          retries=0, offload=offload, **keys_given)
+        loop.run_until_complete(made.connect())
+        return made
+
     try:
-        client = EdgeClient(pipeline, address, mode="train", budget=budget, codec=codec, seed=seed,
-                            timeout=REQUEST_TIMEOUT, retries=0, offload=offload)
-        loop.run_until_complete(client.connect())
+        client = connect(address)
         runs["sparse_rt"] = sparse_rt_runs(client, loop, x, y)
+        if keys is not None:
+            folder = Path(keys.name)
+            generate_keys(folder, "server")
+            generate_keys(folder, "edge")
+            (folder / "allowed").mkdir()
+            shutil.copy(folder / "edge.key", folder / "allowed")
+            secure = start_server({"pipeline": reference, "seed": seed, "max_batch": max(1024, len(x)),
+                                   "curve_key": folder / "server.key_secret", "allow_keys": folder / "allowed"})
+            secure_client = connect(secure[1], curve_key=folder / "edge.key_secret", server_key=folder / "server.key")
+            runs["sparse_rt_curve"] = sparse_rt_runs(secure_client, loop, x, y)
         if peer_path is not None:
             peer = FrameworkPeer(peer_path, len(x))
             runs["peer"] = peer.runs(loop, x[:, :budget].contiguous(), y)  # the sent tensor's size: only that counts
@@ -437,16 +464,23 @@ def _measure(pipeline: Pipeline, x: torch.Tensor, y: torch.Tensor, budget: int, 
                 rows[-1]["peer_bytes_up"], rows[-1]["peer_bytes_down"] = peer.last_bytes
         assert client.session is not None  # connect() made it
         steps_sent = client.session.steps
+        secure_steps = secure_client.session.steps if secure_client is not None and secure_client.session else 0
         failed = False
     finally:
         if peer is not None:
             peer.close()
-        if client is not None:
-            loop.run_until_complete(client.close())
+        for made in (client, secure_client):
+            if made is not None:
+                loop.run_until_complete(made.close())
         loop.close()
         raw.close()
         summary = stop_server(server, failed)
+        secure_summary = stop_server(secure[0], failed) if secure is not None else None
+        if keys is not None:
+            keys.cleanup()
     check_applied(summary, steps_sent)
+    if secure_summary is not None:
+        check_applied(secure_summary, secure_steps, "the CURVE server")
     return rows
 
 
@@ -530,12 +564,14 @@ def plot(report: BenchReport, path: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the model and the random batch.")
 @click.option("--edge-loop", "edge_loop", is_flag=True,
               help="Run the edge's torch work on its event loop (EdgeClient(offload=False)) instead of a worker thread.")
+@click.option("--curve", is_flag=True, help="Also time sparse-rt with CURVE (encrypted, authenticated) against a "
+              "second server: sparse_rt_curve_ms and curve_cost_ms.")
 @click.option("--peer", type=click.Choice(PEERS), help="Also time this framework's request path (needs --peer-path).")
 @click.option("--peer-path", type=click.Path(file_okay=False, path_type=Path), callback=check_peer_path,
               help=f"Folder the peer framework is installed in ({PEER_INSTALL}).")
 def command(as_json: bool, out: Path | None, repeats: int, warmup: int, batch: int, channels: int, height: int,
-            width: int, budget: int | None, codec: str, threads: int, seed: int, edge_loop: bool, peer: str | None,
-            peer_path: Path | None) -> None:
+            width: int, budget: int | None, codec: str, threads: int, seed: int, edge_loop: bool, curve: bool,
+            peer: str | None, peer_path: Path | None) -> None:
     """One split exchange of N x C x H x W activations: raw pyzmq, compute alone, and sparse-rt.
 
     Per mode (train, infer): the median ms of each, overhead_ms = sparse-rt -
@@ -551,4 +587,4 @@ def command(as_json: bool, out: Path | None, repeats: int, warmup: int, batch: i
         raise click.UsageError("--peer and --peer-path go together: --peer sparse-framework --peer-path DIR "
                                f"(install with '{PEER_INSTALL}')")
     emit(run_exchange((batch, channels, height, width), budget, codec, repeats, warmup, threads, seed, peer_path,
-                      offload=not edge_loop), as_json, out, plot)
+                      offload=not edge_loop, curve=curve), as_json, out, plot)
