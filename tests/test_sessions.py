@@ -6,6 +6,8 @@ import gc
 import weakref
 
 import pytest
+import torch
+import zmq
 
 from sparse_rt.errors import WireError
 from sparse_rt.model.sides import CutShape
@@ -68,3 +70,20 @@ async def test_many_short_sessions_leave_nothing_behind_once_expired(tmp_path):
         assert not server.sessions and not server.stats.steps_per_session
         assert sum(ref() is not None for ref in replies) == 0
         assert server.stats.sessions_expired == 300 and server.stats.steps_in_expired_sessions == 300
+
+
+async def test_an_edge_whose_session_expired_opens_a_new_one_and_goes_on(tmp_path):
+    from pipelines.digits_cnn import pipeline as digits
+    from sparse_rt import EdgeClient
+
+    async with serving(tmp_path, session_idle=0.3) as (server, raw, cut, _):
+        address = server.connection.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        async with EdgeClient(digits, address, mode="train", budget=4, timeout=10, retries=0) as edge:
+            x, y = torch.randn(16, *digits.input_shape), torch.randint(0, 10, (16,))
+            await edge.train_step(x, y)
+            first = edge.session.session_id
+            await asyncio.sleep(1.0)  # idle: the server ends the session
+            assert first not in server.sessions
+            loss = await edge.train_step(x, y)  # refused as unknown, reopened, sent again: applied
+            assert loss == loss and edge.session.session_id != first and edge.session.steps == 2
+            assert server.stats.steps_per_session[edge.session.session_id] == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 import threading
 from pathlib import Path
 from collections.abc import AsyncIterable, AsyncIterator
@@ -29,8 +30,9 @@ from sparse_rt.metrics import MetricsLog
 from sparse_rt.store.modelset import load_model_set
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.source import Batch
-from sparse_rt.transport.connection import SocketOption, Traffic, connect_dealer
-from sparse_rt.transport.curve import HandshakeWatch, curve_client, load_key_pair, load_public_key
+from sparse_rt.transport.connection import SocketOption, Traffic, connect_dealer, sockopt
+from sparse_rt.transport.curve import curve_client, load_key_pair, load_public_key
+from sparse_rt.transport.events import ConnectionEvents
 from sparse_rt.transport.link import RequestLink
 
 T = TypeVar("T")
@@ -93,6 +95,11 @@ class EdgeClient:
         if curve_key is not None and server_key is not None:
             self._socket_options += (curve_client(load_key_pair(Path(curve_key)), load_public_key(Path(server_key))),)
         self.curve = curve_key is not None
+        # Who this edge is to the server without CURVE (with CURVE, its key): kept across reconnects and, through
+        # the head's checkpoint, across restarts. Random and never sent to other peers, so it cannot be guessed.
+        resuming = mode == "train" and "routing_id" in meta  # a training edge going on (an app may share a head)
+        self.routing_id = bytes.fromhex(meta["routing_id"]) if resuming else b"e" + secrets.token_bytes(15)
+        self._resume_steps = int(meta.get("steps", 0)) if mode == "train" else 0  # step numbers go on from there
         self._context: zmq.asyncio.Context | None = None
         self.session: EdgeSession | None = None
 
@@ -114,11 +121,17 @@ class EdgeClient:
     async def connect(self) -> "EdgeClient":
         """Open the socket and the session (handshake); a refusal raises RemoteError with the server's reason."""
         self._context = zmq.asyncio.Context()
-        watch = HandshakeWatch(self.curve)  # a refused key or a wrong server key is an error, not a timeout
-        socket = connect_dealer(self._context, self.address, options=(*self._socket_options, watch))
-        link = RequestLink(socket, self.address, self._timeout, self._retries)
+        # A refused key or a wrong server key is an error, not a timeout; a server that comes back gets the
+        # requests in flight at once. The routing id stays across reconnects, so the server knows the edge again.
+        events = ConnectionEvents(self.address, self.curve)
+        socket = connect_dealer(self._context, self.address,
+                                options=(sockopt(zmq.ROUTING_ID, self.routing_id), *self._socket_options, events))
+        events.start()
+        link = RequestLink(socket, self.address, self._timeout, self._retries, events)
         self.session = EdgeSession(self.chain, link, self.settings, MetricsLog(self._metrics_path), self._offload)
-        verdict = asyncio.create_task(watch.verdict(self.address, self._timeout * (self._retries + 1)))
+        if self._resume_steps:
+            self.session.protocol.steps = self._resume_steps
+        verdict = asyncio.create_task(events.verdict(self._timeout * (self._retries + 1)))
         opening = asyncio.create_task(self.session.open())
         try:
             try:
@@ -130,7 +143,6 @@ class EdgeClient:
                 for task in (verdict, opening):
                     task.cancel()
                 await asyncio.gather(verdict, opening, return_exceptions=True)
-                watch.close()  # before any close(): the context cannot end while the monitor socket is open
         except BaseException:
             await self.close()
             raise
@@ -177,7 +189,7 @@ class EdgeClient:
     def save(self, path: str | Path, **meta: Any) -> None:
         """Checkpoint the head, the compressor and the optimizer, with the settings needed to reload them."""
         save_checkpoint(path, self.chain.module, self.optimizer, pipeline=self.pipeline.name, budget=self.budget,
-                        resolution=self.settings.resolution, **meta)
+                        resolution=self.settings.resolution, routing_id=self.routing_id.hex(), **meta)
 
     async def close(self) -> None:
         if self.session is not None:

@@ -8,6 +8,7 @@ time, in one worker thread or on the loop itself (``offload``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
@@ -26,11 +27,13 @@ from sparse_rt.stages.source import Batch, batches
 from sparse_rt.stages.transport import TransportStage
 from sparse_rt.transport.connection import frame_bytes
 from sparse_rt.transport.link import RequestLink
-from sparse_rt.wire.messages import Welcome, encode_message
+from sparse_rt.wire.messages import Welcome, encode_message, readdressed
 
 __all__ = ["EdgeSession", "SessionSettings"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("sparse_rt.edge")
 
 # Replies up to this size are decoded on the event loop instead of the worker thread.
 INLINE_DECODE_BYTES = 64 * 1024
@@ -108,7 +111,19 @@ class EdgeSession:
             return ctx.merge(None), 0, 0
         with ctx.timer.stage("wait"):
             reply = await self.transport.forward(frames, ctx)
+            if _refused(reply, "unknown_session"):  # the server lost it (a restart without it, or idle expiry)
+                log.warning("the server no longer knows session %s; opening a new one and going on",
+                            self.session_id)
+                await self.open()
+                ctx.session, ctx.meta["request_id"] = self.session_id, self.link.next_id()
+                frames = readdressed(frames, ctx.session, ctx.meta["request_id"])
+                reply = await self.transport.forward(frames, ctx)
         up, down = frame_bytes(frames), frame_bytes(reply[1])
+        if ctx.training and _refused(reply, "reply_lost"):
+            # Applied and checkpointed by the server before it restarted; only its gradient is gone. The head
+            # skips this one update, the step counts as applied, and training goes on with the next.
+            log.warning("step %d was applied before the server restarted, its reply lost; going on", ctx.step)
+            return None, up, down
         if not ctx.training and down <= INLINE_DECODE_BYTES:  # a trip to the worker costs more than this decode
             return self.chain.backward(reply, ctx), up, down
         return await self._local(self.chain.backward, reply, ctx), up, down
@@ -182,6 +197,11 @@ class EdgeSession:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+
+def _refused(reply: tuple[dict[str, Any], list[Any]], code: str) -> bool:
+    header = reply[0]
+    return header.get("kind") == "error" and header.get("code") == code
 
 
 async def _async_iter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:

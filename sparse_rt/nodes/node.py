@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from sparse_rt.config import NodeConfig, shard_index
+from sparse_rt.errors import DataError
 from sparse_rt.pipeline import get_pipeline
 from sparse_rt.assembly import largest_frame, server_chain, server_side
 from sparse_rt.store.checkpoint import Checkpointer, check_writable, read_checkpoint, save_checkpoint
@@ -33,6 +34,7 @@ from sparse_rt.train.schedules import deprune, fixed, parse_phases
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.server.trust import AllowList, start_authenticator
 from sparse_rt.transport.connection import bind_router, is_local
+from sparse_rt.transport.link import ServerUnreachable
 from sparse_rt.transport.curve import curve_server, load_key_pair
 from sparse_rt.wire.header import MAX_HEADER_BYTES
 
@@ -40,6 +42,7 @@ log = logging.getLogger("sparse_rt.node")
 
 EXIT_STOPPED = 130  # an edge stopped by a signal before finishing its epochs
 EXIT_SAVE_FAILED = 3  # the node finished, but its final checkpoint could not be written (the log says why)
+EXIT_SERVER_LOST = 1  # an edge whose server stayed away longer than its timeout and resends (an outage, not a mistake)
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -71,16 +74,17 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
         resolution = training.resolution
         model, cut = server_side(pipeline, config.seed, resolution)
     optimizer = build_optimizer(model.parameters(), training.optimizer, training.lr, training.weight_decay)
-    steps_before = 0
+    steps_before, sessions = 0, []
     if config.resume:
-        steps_before = int(read_checkpoint(config.checkpoint).restore(model, optimizer).get("steps", 0))
+        meta = read_checkpoint(config.checkpoint).restore(model, optimizer)
+        steps_before, sessions = int(meta.get("steps", 0)), list(meta.get("sessions", []))
         log.info("resumed the tail from %s after %d steps", config.checkpoint, steps_before)
 
     if config.checkpoint is not None:
         check_writable(config.checkpoint)
     checkpoints = Checkpointer(config.checkpoint, config.checkpoint_every, lambda path: save_checkpoint(
         path, model, optimizer, pipeline=pipeline.name, resolution=resolution,
-        steps=steps_before + server.stats.steps_applied), "tail")
+        steps=steps_before + server.stats.steps_applied, sessions=server.table.snapshot()), "tail")
 
     context = zmq.asyncio.Context()
     allow, authenticator, options = None, None, []
@@ -102,6 +106,10 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
                          metrics=metrics, after_step=checkpoints.after_step, model_set=model_set, allow=allow,
                          reveal=allow is not None or is_local(config.bind), max_sessions=config.max_sessions,
                          session_idle=config.session_idle)
+    try:
+        server.table.restore(sessions)  # with the tail they trained: their edges go on where the checkpoint was
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{config.checkpoint}: its session table is unreadable ({exc!r})") from None
     stop = stop_on_signals()
     log.info("serving %s on %s: cut after '%s', %d channels of %dx%d (sent at %dx%d)", pipeline.name, endpoint,
              pipeline.cut, cut.channels, cut.height, cut.width, cut.sent_height, cut.sent_width)
@@ -129,6 +137,7 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     return {"role": "server", "pipeline": pipeline.name, "address": endpoint, "steps_applied": stats.steps_applied,
             "inferences": stats.inferences, "errors": stats.errors, "sessions_opened": stats.sessions_opened,
             "sessions_expired": stats.sessions_expired, "steps_in_expired_sessions": stats.steps_in_expired_sessions,
+            "steps_total": steps_before + stats.steps_applied, "steps_rolled_back": stats.steps_rolled_back,
             "keys_refused": allow.refused if allow is not None else 0,
             "steps_refused": chain.optimizer.guard.refused if chain.optimizer and chain.optimizer.guard else 0,
             "checkpoint_saved": saved if config.checkpoint is not None else None,
@@ -160,7 +169,7 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
     checkpoints = Checkpointer(config.checkpoint if config.mode == "train" else None, config.checkpoint_every,
                                lambda path: client.save(path, epochs_done=position["epoch"],
                                                         steps=client.session.steps), "head")
-    saved = True
+    saved, lost = True, False
     async with client:
         log.info("connected to %s: %s session, %d of %d channels as %s%s", config.connect, config.mode,
                  client.budget, client.cut.channels, config.codec, " + lz4" if config.lz4 else "")
@@ -170,11 +179,18 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
                 checkpoints.after_step(step)
 
             first_epoch = int(client.resumed.get("epochs_done", 0))
+            done_in_epoch = int(client.resumed.get("steps", 0)) - first_epoch * len(train_loader)
             plan = (deprune(parse_phases(config.phases, client.cut.channels), config.boost, config.boost_epochs)
                     if config.phases else fixed(client.budget, epochs))
-            result = await train(client.session, train_loader, plan,
-                                 samples_per_epoch=len(data.y_train),
-                                 first_epoch=first_epoch, progress=False, stop=stop, after_step=checkpoint)
+            position["epoch"] = first_epoch
+            try:
+                result = await train(client.session, train_loader, plan, samples_per_epoch=len(data.y_train),
+                                     first_epoch=first_epoch, skip_steps=min(max(done_in_epoch, 0), len(train_loader)),
+                                     progress=False, stop=stop, after_step=checkpoint)
+            except ServerUnreachable as exc:  # an outage: keep what was trained, say so, exit with its own code
+                log.error("%s; stopping, with the head saved", exc)
+                lost = True
+                result = TrainingResult(math.nan, position["epoch"], True)
             position["epoch"] = result.epochs_done
             saved = checkpoints.final()
             if config.checkpoint is not None and saved:
@@ -187,4 +203,5 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
                             traffic=client.traffic, trained=trained, train_samples=len(data.y_train),
                             test_samples=len(data.y_test), steps=client.session.steps, started=started)
     log.info("done: test accuracy %.4f after %d steps", accuracy, summary.steps)
-    return summary, EXIT_STOPPED if result.stopped else 0 if saved else EXIT_SAVE_FAILED
+    code = EXIT_SERVER_LOST if lost else EXIT_STOPPED if result.stopped else 0 if saved else EXIT_SAVE_FAILED
+    return summary, code

@@ -41,6 +41,7 @@ class Session:
     last_step: int = -1
     last_reply: Any = None  # the Gradients of last_step, answered again if that step is resent
     last_seen: float = field(default_factory=time.monotonic)  # for idle expiry
+    restored: bool = False  # read from a checkpoint and not used since (its next step tells what was lost)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ServerStats:
     sessions_expired: int = 0
     steps_per_session: dict[str, int] = field(default_factory=dict)  # open sessions only (bounded with them)
     steps_in_expired_sessions: int = 0
+    steps_rolled_back: int = 0  # acknowledged steps lost because the server died after its last checkpoint
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,18 @@ class SessionTable:
 
     def replay(self, session: Session, message: Activations) -> Any:
         """The stored reply if this training step was applied already (a resend), else None; older steps refused."""
-        if message.step == session.last_step and session.last_reply is not None:
+        if session.restored:  # the first step since the server came back from its checkpoint
+            session.restored = False
+            lost = max(0, message.step - session.last_step - 1)  # acknowledged to the edge, then lost in the crash
+            if lost:
+                self.stats.steps_rolled_back += lost
+                log.warning("session %s: %d acknowledged step(s) after the checkpoint were lost with the server "
+                            "(the edge is at step %d, the checkpoint at %d)", session.id, lost, message.step,
+                            session.last_step)
+        if message.step == session.last_step:
+            if session.last_reply is None:  # applied and checkpointed, but its reply died with the old process
+                raise WireError(f"step {message.step} was applied before the server restarted and its reply is "
+                                "gone; go on with the next step", "reply_lost")
             log.info("session %s resent step %d: answering again, not applying twice", session.id, message.step)
             session.last_reply.id = message.id
             return session.last_reply
@@ -200,6 +213,24 @@ class SessionTable:
             raise WireError(f"step {message.step} is older than the last applied step {session.last_step}",
                             "stale_step")
         return None
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The open sessions as plain data, for the server's checkpoint (written with the tail it trained)."""
+        return [{"id": s.id, "owner": s.owner.hex(), "mode": s.mode, "budget": s.budget, "codec": s.codec,
+                 "lz4": s.lz4, "grad_codec": s.grad_codec, "grad_lz4": s.grad_lz4, "last_step": s.last_step,
+                 "steps": self.stats.steps_per_session.get(s.id, 0)} for s in self.sessions.values()]
+
+    def restore(self, sessions: list[dict[str, Any]]) -> None:
+        """Sessions from a checkpoint: their edges go on where the checkpoint left them (replies are not kept)."""
+        for saved in sessions:
+            session = Session(saved["id"], bytes.fromhex(saved["owner"]), saved["mode"], saved["budget"],
+                              saved["codec"], saved["lz4"], saved["grad_codec"], saved["grad_lz4"],
+                              saved["last_step"], restored=True)
+            self.sessions[session.id] = session
+            if saved["steps"]:
+                self.stats.steps_per_session[session.id] = saved["steps"]
+        if sessions:
+            log.info("restored %d session(s) from the checkpoint", len(sessions))
 
     def applied(self, session: Session, step: int, reply: Any) -> None:
         session.last_step, session.last_reply = step, reply

@@ -26,7 +26,7 @@ FORMAT = "sparse-rt-checkpoint/1"
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    **meta: int | float | str) -> None:
+                    **meta: Any) -> None:
     """Atomically write model (and optimizer) state plus small metadata (step, pipeline, ...)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

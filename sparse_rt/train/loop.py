@@ -33,12 +33,14 @@ class TrainingResult:
 
 
 async def train(session: EdgeSession, loader: Iterable[Batch], plan: list[EpochPlan], *, samples_per_epoch: int,
-                first_epoch: int = 0, progress: bool = True, desc: str = "training",
+                first_epoch: int = 0, skip_steps: int = 0, progress: bool = True, desc: str = "training",
                 stop: asyncio.Event | None = None, after_step: Callable[[int, int], None] | None = None,
                 on_epoch_end: Callable[[EpochPlan, float], object] | None = None) -> TrainingResult:
     """Train the epochs of ``plan`` from ``first_epoch``; ``after_step(step, epoch)`` runs after every step.
 
     ``on_epoch_end(plan, loss)`` may be a coroutine function (e.g. to evaluate over the network).
+    ``skip_steps`` steps of the first epoch were trained before (a restarted edge goes on mid-epoch:
+    that many batches are passed over, so the run ends at the planned number of steps).
     """
     steps_per_epoch = len(loader)  # type: ignore[arg-type]
     result = TrainingResult(float("nan"), first_epoch, False)
@@ -53,6 +55,10 @@ async def train(session: EdgeSession, loader: Iterable[Batch], plan: list[EpochP
                 if stop is not None and stop.is_set():
                     result.stopped = True
                     return result
+                if skip_steps:
+                    skip_steps -= 1
+                    bar.update(len(y))
+                    continue
                 loss = await session.train_step(x, y, data_ms=source.last_wait_ms)
                 if session.rows_sent:  # rows answered on the edge carry no server loss
                     total, count = total + loss * session.rows_sent, count + session.rows_sent

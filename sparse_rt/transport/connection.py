@@ -183,8 +183,13 @@ def _options(max_message_bytes: int | None, options: Iterable[SocketOption]) -> 
 
 def bind_router(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None,
                 shaper: Shaper | None = None, options: Iterable[SocketOption] = ()) -> Counted:
-    """The server's socket (its sends are the downlink). A bind failure names the address."""
-    return _layered(open_socket(context, zmq.ROUTER, "bind", address, _options(max_message_bytes, options)), shaper)
+    """The server's socket (its sends are the downlink). A bind failure names the address.
+
+    With ROUTER_HANDOVER, an edge that reconnects under its routing id (its
+    old connection not yet seen dead) takes the id over instead of being ignored.
+    """
+    options = [sockopt(zmq.ROUTER_HANDOVER, 1), *_options(max_message_bytes, options)]
+    return _layered(open_socket(context, zmq.ROUTER, "bind", address, options), shaper)
 
 
 def connect_dealer(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None,

@@ -4,31 +4,21 @@ Keys are files in zmq.auth's certificate format (``NAME.key`` holds the
 public key, ``NAME.key_secret`` both), made by ``sparse-rt keys generate``.
 A server socket gets its key pair; a client socket its own pair and the
 server's public key. Authentication (which client keys are let in) is the
-server's ZAP handler, server/trust.py. Nothing here is our own cryptography:
+server's ZAP handler, server/trust.py; a failed handshake is told by transport/events.py. Nothing here is our own cryptography:
 libzmq's CurveZMQ does the handshake and the encryption.
 """
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
-import zmq.asyncio
 import zmq.auth
-from zmq.utils.monitor import parse_monitor_message
 
 from sparse_rt.errors import ConfigError
 from sparse_rt.transport.connection import SocketOption
 
 PUBLIC_SUFFIX, SECRET_SUFFIX = ".key", ".key_secret"
-
-
-class AuthenticationFailed(ConfigError, ConnectionError):
-    """The handshake with the server failed: this key is refused, or a key is wrong or missing.
-
-    A ConfigError (something the operator fixes; the CLI's exit code 2), not an outage.
-    """
 
 
 @dataclass(frozen=True)
@@ -95,60 +85,3 @@ def curve_client(keys: KeyPair, server_public: bytes) -> SocketOption:
         socket.curve_publickey = keys.public
         socket.curve_serverkey = server_public
     return apply
-
-
-HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-
-
-class HandshakeWatch:
-    """A socket option that watches the connection's handshake, so a failed one is an error, not a silence.
-
-    Without it a refused or misconfigured client only ever times out:
-    ZeroMQ retries the connection quietly. Applied before the socket
-    connects (no event can be missed); :meth:`verdict` then raises
-    AuthenticationFailed with the likely cause, or returns once the
-    handshake succeeded (or after ``timeout`` with no verdict: no server
-    there yet, and the request's own timeout and resends take it from there).
-    """
-
-    def __init__(self, curve: bool) -> None:
-        self.curve = curve
-        self._socket: zmq.asyncio.Socket | None = None
-        self._monitor: zmq.asyncio.Socket | None = None
-
-    def __call__(self, socket: zmq.Socket) -> None:
-        self._socket = socket  # type: ignore[assignment]
-        self._monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS)  # type: ignore[assignment]
-
-    async def verdict(self, address: str, timeout: float) -> None:
-        assert self._socket is not None and self._monitor is not None, "apply the watch to a socket first"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            while (left := deadline - loop.time()) > 0:
-                if not await self._monitor.poll(int(left * 1000) + 1):
-                    return
-                event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
-                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    return
-                raise AuthenticationFailed(self._cause(event, address))
-        finally:
-            self.close()
-
-    def _cause(self, event: int, address: str) -> str:
-        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            return (f"the server at {address} refused this key: its operator must put this node's "
-                    f"{PUBLIC_SUFFIX} file in the server's --allow-keys folder")
-        if not self.curve:
-            return (f"the handshake with {address} failed: that server requires CURVE; give --curve-key "
-                    f"(this node's {SECRET_SUFFIX}) and --server-key (the server's {PUBLIC_SUFFIX})")
-        return (f"the CURVE handshake with {address} failed: --server-key is not that server's public key, "
-                "or the server does not use CURVE")
-
-    def close(self) -> None:
-        if self._monitor is not None and self._socket is not None:
-            if not self._socket.closed:
-                self._socket.disable_monitor()
-            self._monitor.close(linger=0)
-            self._monitor = None

@@ -17,6 +17,7 @@ import zmq
 
 from sparse_rt.errors import WireError, printable
 from sparse_rt.transport.connection import Transport
+from sparse_rt.transport.events import ConnectionEvents
 from sparse_rt.wire.header import decode_header
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,20 @@ class ServerUnreachable(ConnectionError):
 class RequestLink:
     """Send frames with an id, await the frames of the reply with that id."""
 
-    def __init__(self, connection: Transport, address: str, timeout: float = 60.0, retries: int = 0) -> None:
+    def __init__(self, connection: Transport, address: str, timeout: float = 60.0, retries: int = 0,
+                 events: ConnectionEvents | None = None) -> None:
         self.connection = connection
         self.address = address
         self.timeout = timeout
         self.retries = retries
+        self.events = events  # the socket's handshakes: a server that is back gets the waiting requests at once
         self._ids = itertools.count(1)  # 0 is reserved: "id unknown" in error replies
         self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._frames: dict[int, Sequence[Any]] = {}  # what each waiting request sent, to send again
         self._reader: asyncio.Task[None] | None = None
+        self._resender: asyncio.Task[None] | None = None
+        if events is not None:
+            events.on_reconnect = self._server_back
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -55,6 +62,7 @@ class RequestLink:
             self._reader = asyncio.create_task(self._read(), name=f"reader {self.address}")
         reply = asyncio.get_running_loop().create_future()
         self._pending[request_id] = reply
+        self._frames[request_id] = frames
         try:
             for attempt in range(self.retries + 1):
                 await self.connection.send(frames)
@@ -72,7 +80,23 @@ class RequestLink:
             )
         finally:
             self._pending.pop(request_id, None)
+            self._frames.pop(request_id, None)
             reply.cancel()
+
+    def _server_back(self) -> None:
+        """A handshake after a disconnect: what was in flight died with the old connection, so send it again now.
+
+        Safe for the same reason as any resend: a step is never applied twice.
+        """
+        if self._frames and (self._resender is None or self._resender.done()):
+            self._resender = asyncio.create_task(self._resend_all(), name=f"resend {self.address}")
+
+    async def _resend_all(self) -> None:
+        waiting = [(rid, frames) for rid, frames in self._frames.items() if not self._pending[rid].done()]
+        if waiting:
+            log.info("the server at %s is back: resending %d request(s) in flight", self.address, len(waiting))
+        for _, frames in waiting:
+            await self.connection.send(frames)
 
     async def _read(self) -> None:
         while True:
@@ -92,10 +116,10 @@ class RequestLink:
             waiting.set_result((header, frames))
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+        for task in (self._reader, self._resender):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.events is not None:
+            await self.events.close()
         self.connection.close()

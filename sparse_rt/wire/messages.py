@@ -146,6 +146,14 @@ def encode_message(msg: Message) -> list[Any]:
     return [encode_header({"kind": kind, **{k: v for k, v in vars(msg).items() if v is not None}})]
 
 
+def readdressed(frames: Sequence[Any], session: str, request_id: int) -> list[Any]:
+    """A request's frames for another session and id (a session the server lost), the data frames untouched."""
+    fields = decode_header(bytes(memoryview(frames[0])))
+    fields.update(session=session, id=request_id)
+    fields.pop("v", None)
+    return [encode_header(fields), *frames[1:]]
+
+
 def _array(frame: Any, dtype: np.dtype, count: int, what: str) -> np.ndarray:
     view = memoryview(frame)
     if view.nbytes != count * dtype.itemsize:
