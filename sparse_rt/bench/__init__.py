@@ -9,6 +9,7 @@ function that returns a :class:`~sparse_rt.bench.common.BenchReport`:
 - edges: 1..32 edge processes on one server: throughput, fairness, latency, lost steps
 - link: a constrained link (bandwidth, delay) vs the bound it allows
 - exchange: one split exchange (train, infer) vs raw pyzmq and the compute alone
+- restart: a server killed or stopped mid-training and resumed: how fast its edges go on, steps lost
 """
 
-SUITES = ("transport", "codec", "e2e", "edges", "link", "exchange")
+SUITES = ("transport", "codec", "e2e", "edges", "link", "exchange", "restart")

@@ -42,6 +42,9 @@ log = logging.getLogger("sparse_rt.node")
 
 EXIT_STOPPED = 130  # an edge stopped by a signal before finishing its epochs
 EXIT_SAVE_FAILED = 3  # the node finished, but its final checkpoint could not be written (the log says why)
+# A stopping server answers what it has read for up to this long, and gives its last replies this long to leave.
+DRAIN_SECONDS = 10.0
+REPLY_LINGER_MS = 1000
 EXIT_SERVER_LOST = 1  # an edge whose server stayed away longer than its timeout and resends (an outage, not a mistake)
 
 
@@ -117,6 +120,9 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     stopping = asyncio.create_task(stop.wait(), name="stop")
     try:
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done():  # a signal: answer every message already read, so no applied step loses its reply
+            server.drain()
+            await asyncio.wait({serving}, timeout=DRAIN_SECONDS)
     finally:
         stopping.cancel()
         serving.cancel()
@@ -124,7 +130,7 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
         saved = checkpoints.final()
         if config.checkpoint is not None and saved:
             log.info("saved the tail to %s", config.checkpoint)
-        connection.close()
+        connection.close(linger_ms=REPLY_LINGER_MS)
         if authenticator is not None:
             authenticator.stop()
         context.term()

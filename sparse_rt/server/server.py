@@ -88,6 +88,8 @@ class SplitServer:
         self._queue: asyncio.Queue[tuple[bytes, list[zmq.Frame], dict[str, Any], float]] = asyncio.Queue(queue_size)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
         self._ms_per_byte: dict[str, float] = {}  # per kind: a running estimate of ms per byte received
+        self._reader: asyncio.Task[None] | None = None
+        self._draining = False
 
     @property
     def stats(self) -> ServerStats:
@@ -98,21 +100,40 @@ class SplitServer:
         return self.table.sessions
 
     async def serve(self) -> None:
-        """Run until cancelled."""
-        tasks = {asyncio.create_task(self._work(), name="tail worker"),
-                 asyncio.create_task(self._read(), name="reader"),
-                 asyncio.create_task(self._expire(), name="session expiry")}
+        """Run until cancelled, or until :meth:`drain` was called and every message read is answered."""
+        worker = asyncio.create_task(self._work(), name="tail worker")
+        self._reader = asyncio.create_task(self._read(), name="reader")
+        tasks = {worker, self._reader, asyncio.create_task(self._expire(), name="session expiry")}
         try:
-            # Any ending is the end of serving: a worker that died (a bug) must not leave a reader that
+            # Any other ending is the end of serving: a worker that died (a bug) must not leave a reader that
             # fills the queue and then hangs every edge.
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                task.result()
+                if not (task is self._reader and self._draining):
+                    task.result()
+            if self._draining:
+                answered = asyncio.create_task(self._queue.join())
+                tasks.add(answered)
+                await asyncio.wait({answered, worker}, return_when=asyncio.FIRST_COMPLETED)
+                if worker.done():
+                    worker.result()
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._executor.shutdown(wait=True)
+
+    def drain(self) -> None:
+        """Read nothing more; :meth:`serve` returns once every message already read is answered.
+
+        A stopping server thus sends the reply of every step it applied (an
+        edge would otherwise resend a step whose gradient is gone); messages
+        still unread in ZeroMQ's buffers are resent by their edges to the
+        next server.
+        """
+        self._draining = True
+        if self._reader is not None:
+            self._reader.cancel()
 
     async def _expire(self) -> None:
         """End idle sessions now and then (a dead edge's session, and its stored reply, must not stay forever)."""
@@ -189,6 +210,7 @@ class SplitServer:
                 except Exception:  # the step is applied and answered; a failed save must not stop serving
                     log.exception("after step %d: the after-step hook failed; serving goes on",
                                   self.stats.steps_applied)
+            self._queue.task_done()
 
     def _learn(self, kind: str, size: int, ms: float) -> None:
         """Track each kind's cost per byte received (an exponential average that forgets in a few messages).

@@ -87,8 +87,9 @@ class Connection:
         frames = await self.socket.recv_multipart(copy=False)
         return (frames.pop(0).bytes if self.routed else None), frames
 
-    def close(self) -> None:
-        self.socket.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        """Close now; ``linger_ms`` gives messages already sent that long to leave (0: they are dropped)."""
+        self.socket.close(linger=linger_ms)
 
 
 class Layer:
@@ -106,8 +107,8 @@ class Layer:
     async def recv(self) -> tuple[bytes | None, list[zmq.Frame]]:
         return await self.inner.recv()
 
-    def close(self) -> None:
-        self.inner.close()
+    def close(self, linger_ms: int = 0) -> None:
+        self.inner.close(linger_ms)
 
 
 class Counted(Layer):
@@ -139,9 +140,9 @@ class Shaped(Layer):
     async def send(self, frames: Sequence[Any], route: bytes | None = None) -> None:
         await self._sender.send((frames, route), frame_bytes(frames))
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
         self._sender.close()
-        self.inner.close()
+        self.inner.close(linger_ms)
 
 
 # What sessions are given: a socket, with or without layers around it.
