@@ -9,7 +9,7 @@ from typing import Any
 from sparse_rt.assembly import DEFAULT_MAX_LR_SCALE
 from sparse_rt.errors import ConfigError
 from sparse_rt.pipeline import Pipeline, TrainingSettings
-from sparse_rt.server.sessions import MAX_SESSIONS, SESSION_IDLE_SECONDS
+from sparse_rt.server.sessions import DEFAULT_MAX_BATCH, MAX_SESSIONS, SESSION_IDLE_SECONDS
 from sparse_rt.train.schedules import deprune, parse_phases
 from sparse_rt.wire.codecs import codec_names
 from sparse_rt.wire.header import MAX_CHANNELS
@@ -86,7 +86,7 @@ class NodeConfig:
     checkpoint_every: int = 0  # steps between periodic checkpoints; 0 = only on a clean stop
     resume: bool = False  # start from the checkpoint
     metrics: Path | None = None  # JSONL, one record per message
-    max_batch: int = 1024  # server: largest batch a message may carry; sets ZeroMQ's MAXMSGSIZE
+    max_batch: int = DEFAULT_MAX_BATCH  # server: largest batch a message may carry; sets ZeroMQ's MAXMSGSIZE
     request_timeout: float = 30.0  # edge: seconds to wait for one reply before retrying
     retries: int = 2  # edge: resends of a request without reply before giving up
     inflight: int = 4  # edge: inference requests in flight at once

@@ -30,6 +30,7 @@ class WireError(SparseRtError):
         super().__init__(message)
         self.code = code
         self.request_id = request_id
+        self.version: int | None = None  # the protocol version to answer in, when not this peer's own (a v1 peer)
 
 
 class SplitError(SparseRtError):

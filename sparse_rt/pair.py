@@ -153,6 +153,8 @@ class SplitPair:
         return await self.edge.evaluate(loader)
 
     async def close(self) -> None:
+        if self._serving is not None and not self._serving.done():
+            await self.edge.end()
         await self.link.close()
         self.edge.close()
         if self._serving is not None:

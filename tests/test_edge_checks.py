@@ -15,8 +15,11 @@ from sparse_rt.assembly import edge_chain, edge_side
 from sparse_rt.edge.protocol import SessionSettings
 from sparse_rt.errors import WireError
 from sparse_rt.stages.optimizer import build_optimizer
-from sparse_rt.wire.header import decode_header, encode_header
+from sparse_rt.wire.header import decode_header
 from sparse_rt.wire.messages import Predictions, Welcome, encode_message
+
+LIMITS = {"max_batch": 1024, "max_frame_bytes": 0, "max_lr_scale": 10.0, "session_idle_s": 600.0,
+          "sessions_per_peer": 64}
 
 
 def _chain(**codecs):
@@ -49,7 +52,7 @@ async def test_a_prediction_with_other_rows_than_were_sent_is_refused(tmp_path):
             route, *frames = await router.recv_multipart()
             header = decode_header(frames[0])
             if header["kind"] == "hello":
-                reply = encode_message(Welcome(header["id"], "s1"))
+                reply = encode_message(Welcome(header["id"], "s1", 32, 4, 4, 10, LIMITS))
             else:
                 reply = encode_message(Predictions(header["id"], "s1", torch.zeros(3, 10)))
             await router.send_multipart([route, *[bytes(memoryview(f)) for f in reply]])

@@ -24,8 +24,8 @@ async def sockets():
     context.term()
 
 
-def _welcome(request_id: int) -> list[bytes]:
-    return [encode_header({"kind": "welcome", "id": request_id, "session": "s"})]
+def _reply(request_id: int) -> list[bytes]:
+    return [encode_header({"kind": "bye", "id": request_id, "session": "s"})]  # any valid reply
 
 
 async def test_a_late_reply_to_the_first_try_answers_the_request(sockets):
@@ -34,7 +34,7 @@ async def test_a_late_reply_to_the_first_try_answers_the_request(sockets):
     async def slow_server() -> int:
         route, _ = await server.recv()
         await asyncio.sleep(0.45)  # past the first try's timeout: the edge resends meanwhile
-        await server.send(_welcome(1), route)
+        await server.send(_reply(1), route)
         _, again = await server.recv()  # the resend arrived; it is not answered
         return len(again)
 

@@ -11,8 +11,11 @@ from hypothesis import strategies as st
 
 from sparse_rt.errors import WireError
 from sparse_rt.wire.header import MAX_HEADER_BYTES, PROTOCOL_VERSION
-from sparse_rt.wire.messages import (Activations, ErrorReply, Gradients, Hello, Predictions, Welcome,
+from sparse_rt.wire.messages import (Activations, Bye, ErrorReply, Gradients, Hello, Predictions, Welcome,
                                      decode_message, encode_message)
+
+LIMITS = {"max_batch": 1024, "max_frame_bytes": 2**21, "max_lr_scale": 10.0, "session_idle_s": 600.0,
+          "sessions_per_peer": 64}
 
 
 def _activations(labels: torch.Tensor | None = None, codec: str = "fp32", lz4: bool = False) -> Activations:
@@ -54,8 +57,10 @@ def test_other_kinds_round_trip():
     assert (decoded.values - grad.values).abs().max() < 0.05
     logits = torch.randn(5, 10)
     assert torch.equal(decode_message(_frames(Predictions(1, "s", logits))).logits, logits)
-    for message in (Hello(1, "digits_cnn", 32, 4, "fp16", False, "train", 2), Welcome(1, "s"),
-                    ErrorReply(3, "bad_shape", "no")):
+    for message in (Hello(1, "digits_cnn", 32, 4, "fp16", False, "train", 2),
+                    Hello(1, "digits_cnn", 32, 4, "fp16", False, "train", 2, resume="0123abcd"),
+                    Welcome(1, "s", 32, 4, 4, 10, LIMITS), Welcome(1, "s", 32, 4, 4, 10, LIMITS, True, 17),
+                    Bye(4, "s"), ErrorReply(3, "bad_shape", "no")):
         assert decode_message(_frames(message)) == message
 
 

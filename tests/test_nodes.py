@@ -13,24 +13,6 @@ import pytest
 from sparse_rt.nodes.launch import NodeProcess
 
 REPO = Path(__file__).resolve().parents[1]
-DIGITS = {"pipeline": "digits_cnn", "seed": 0}
-
-
-@pytest.fixture
-def start():
-    """Start node processes; every one still running at the end is killed."""
-    started: list[NodeProcess] = []
-
-    def launch(role: str, **options) -> NodeProcess:
-        node = NodeProcess(role, {**DIGITS, **options})
-        started.append(node)
-        return node
-
-    yield launch
-    for node in started:
-        if node.process.poll() is None:
-            node.process.kill()
-        node.finish(timeout=10)
 
 
 def _server(start, **options) -> tuple[NodeProcess, str]:
@@ -116,7 +98,7 @@ def test_metrics_record_every_message_with_stage_timings(start, tmp_path):
     server.result(timeout=60)
     edge_records = [json.loads(line) for line in (tmp_path / "edge.jsonl").read_text().splitlines()]
     kinds = {record["kind"] for record in edge_records}
-    assert kinds == {"hello", "train", "infer"}
+    assert kinds == {"hello", "train", "infer", "bye"}
     train = next(record for record in edge_records if record["kind"] == "train")
     assert set(train["ms"]) == {"data", "head", "encode", "wait", "decode", "backward"}
     assert train["bytes_up"] > train["bytes_down"] > 0

@@ -23,18 +23,20 @@ import zmq
 # Part 1. ProtocolClient: written from docs/PROTOCOL.md alone. NO sparse_rt imports in this part.
 # =====================================================================================================
 
-PROTOCOL_VERSION = 1                               # section 3, `v`
+PROTOCOL_VERSION = 2                               # section 3, `v`
 MAX_HEADER_BYTES = 4096                            # section 3
 MAX_ID = 2**63 - 1                                 # section 3, `id`
 MAX_SHAPE_ELEMENT = 2**31                          # section 3, shape(r)
 MAX_TENSOR_BYTES = 2**30                           # section 5, limits
 CODECS = ("fp32", "fp16", "int8")                  # section 5
 LABEL_DTYPES = {"uint8": "<u1", "uint16": "<u2", "int32": "<i4", "int64": "<i8"}   # section 4.3
-FRAME_COUNTS = {"hello": 1, "welcome": 1, "train": 4, "infer": 3, "grad": 3, "pred": 2, "error": 1}  # section 2
+FRAME_COUNTS = {"hello": 1, "welcome": 1, "bye": 1, "train": 4, "infer": 3, "grad": 3, "pred": 2,  # section 2
+                "error": 1}
+LIMITS = ("max_batch", "max_frame_bytes", "max_lr_scale", "session_idle_s", "sessions_per_peer")  # section 4.2
 ERROR_CODES = {                                    # section 7
     "bad_header", "bad_version", "bad_kind", "bad_frames", "bad_frame", "bad_shape", "bad_indices",
     "bad_budget", "bad_labels", "bad_codec", "bad_message", "too_large", "unknown_session", "wrong_mode",
-    "stale_step", "handshake_refused", "internal",
+    "stale_step", "handshake_refused", "busy", "bad_step", "bad_output", "reply_lost", "internal",
 }
 
 
@@ -125,7 +127,16 @@ FIELD_CHECKS = {
         "lz4": lambda x: type(x) is bool, "mode": lambda x: x in ("train", "infer"),
         "resolution": lambda x: is_integer(x, 0, 255),
     },
-    "welcome": {"session": lambda x: is_string(x, 64)},
+    "welcome": {
+        "session": lambda x: is_string(x, 64), "resumed": lambda x: type(x) is bool,
+        "next_step": lambda x: is_integer(x, 0, MAX_ID), "channels": lambda x: is_integer(x, 1, 65535),
+        "sent_height": lambda x: is_integer(x, 1, 2**31), "sent_width": lambda x: is_integer(x, 1, 2**31),
+        "classes": lambda x: is_integer(x, 1, 2**31),
+        "limits": lambda x: type(x) is dict and sorted(x) == sorted(LIMITS) and all(
+            is_integer(x[k], 0, MAX_ID) for k in ("max_batch", "max_frame_bytes", "sessions_per_peer"))
+            and all(is_number(x[k]) and x[k] > 0 for k in ("max_lr_scale", "session_idle_s")),
+    },
+    "bye": {"session": lambda x: is_string(x, 64)},
     "train": {
         "session": lambda x: is_string(x, 64), "codec": lambda x: is_string(x, 16), "lz4": lambda x: type(x) is bool,
         "channels": lambda x: is_integer(x, 1, 65535), "shape": lambda x: is_shape(x, 4),
@@ -266,15 +277,21 @@ def smallest_label_dtype(labels: np.ndarray) -> str:
 # ---- section 4: messages -----------------------------------------------------------------------------
 
 def hello_frames(request_id: int, pipeline: str, channels: int, budget: int, codec: str, use_lz4: bool,
-                 mode: str, resolution: int) -> list[bytes]:
-    return [encode_header({"v": 1, "kind": "hello", "id": request_id, "pipeline": pipeline, "channels": channels,
-                           "budget": budget, "codec": codec, "lz4": use_lz4, "mode": mode,
-                           "resolution": resolution})]
+                 mode: str, resolution: int, resume: str | None = None) -> list[bytes]:
+    header = {"v": PROTOCOL_VERSION, "kind": "hello", "id": request_id, "pipeline": pipeline, "channels": channels,
+              "budget": budget, "codec": codec, "lz4": use_lz4, "mode": mode, "resolution": resolution}
+    if resume is not None:                                  # section 4.1: optional
+        header["resume"] = resume
+    return [encode_header(header)]
+
+
+def bye_frames(request_id: int, session: str) -> list[bytes]:
+    return [encode_header({"v": PROTOCOL_VERSION, "kind": "bye", "id": request_id, "session": session})]
 
 
 def infer_frames(request_id: int, session: str, codec: str, use_lz4: bool, channels: int,
                  indices, values: np.ndarray) -> list[bytes]:
-    header = {"v": 1, "kind": "infer", "id": request_id, "session": session, "codec": codec, "lz4": use_lz4,
+    header = {"v": PROTOCOL_VERSION, "kind": "infer", "id": request_id, "session": session, "codec": codec, "lz4": use_lz4,
               "shape": [int(s) for s in values.shape], "channels": channels}
     return [encode_header(header), np.asarray(indices, "<u2").tobytes(), pack(values, codec, use_lz4)]
 
@@ -283,11 +300,22 @@ def train_frames(request_id: int, session: str, codec: str, use_lz4: bool, chann
                  values: np.ndarray, labels, step: int) -> list[bytes]:
     labels = np.asarray(labels)
     label_dtype = smallest_label_dtype(labels)
-    header = {"v": 1, "kind": "train", "id": request_id, "session": session, "codec": codec, "lz4": use_lz4,
+    header = {"v": PROTOCOL_VERSION, "kind": "train", "id": request_id, "session": session, "codec": codec, "lz4": use_lz4,
               "shape": [int(s) for s in values.shape], "channels": channels, "step": step,
               "label_dtype": label_dtype}
     return [encode_header(header), np.asarray(indices, "<u2").tobytes(), pack(values, codec, use_lz4),
             labels.astype(LABEL_DTYPES[label_dtype]).tobytes()]
+
+
+def refused_version(frames: list[bytes]) -> tuple[dict, None] | None:
+    """Section 10: the answer to a v1 message is a v1 `bad_version` error (header, None); anything else: None."""
+    header = parse_header(frames[0]) if frames else None
+    if not isinstance(header, dict) or header.get("v") != 1:
+        return None
+    if (len(frames) != 1 or sorted(header) != ["code", "id", "kind", "message", "v"] or header["kind"] != "error"
+            or header["code"] != "bad_version" or not is_integer(header["id"], 0, MAX_ID)):
+        raise MalformedReply(f"a v1 header that is not the documented refusal: {header}")
+    return header, None
 
 
 def decode_reply(frames: list[bytes]) -> tuple[dict, object]:
@@ -300,7 +328,7 @@ def decode_reply(frames: list[bytes]) -> tuple[dict, object]:
     header = parse_header(frames[0])
     validate_header(header)
     kind = header["kind"]
-    if kind not in ("welcome", "grad", "pred", "error"):
+    if kind not in ("welcome", "bye", "grad", "pred", "error"):
         raise MalformedReply(f"the server sent a {kind}")
     if len(frames) != FRAME_COUNTS[kind]:
         raise MalformedReply(f"{kind} with {len(frames)} frames, expected {FRAME_COUNTS[kind]}")
@@ -361,13 +389,25 @@ class ProtocolClient:
             raise ProtocolError(header["code"], header["message"], header["id"])
         return header, payload
 
+    def welcome(self, pipeline: str, channels: int, budget: int, codec: str = "fp32", use_lz4: bool = False,
+                mode: str = "infer", resolution: int = 0, resume: str | None = None) -> dict:
+        """The whole welcome header (section 4.2)."""
+        header, _ = self.exchange(hello_frames(self.next_id(), pipeline, channels, budget, codec, use_lz4, mode,
+                                               resolution, resume))
+        if header["kind"] != "welcome" or header["channels"] != channels:
+            raise MalformedReply(f"hello answered with {header}")
+        if not header["resumed"] and header["next_step"] != 0:
+            raise MalformedReply(f"a new session must start at step 0: {header}")
+        return header
+
     def hello(self, pipeline: str, channels: int, budget: int, codec: str = "fp32", use_lz4: bool = False,
               mode: str = "infer", resolution: int = 0) -> str:
-        header, _ = self.exchange(hello_frames(self.next_id(), pipeline, channels, budget, codec, use_lz4, mode,
-                                               resolution))
-        if header["kind"] != "welcome":
-            raise MalformedReply(f"hello answered with {header['kind']}")
-        return header["session"]
+        return self.welcome(pipeline, channels, budget, codec, use_lz4, mode, resolution)["session"]
+
+    def bye(self, session: str) -> None:
+        header, _ = self.exchange(bye_frames(self.next_id(), session))
+        if header["kind"] != "bye" or header["session"] != session:
+            raise MalformedReply(f"bye answered with {header}")
 
     def infer(self, session: str, codec: str, use_lz4: bool, channels: int, indices, values) -> np.ndarray:
         header, logits = self.exchange(infer_frames(self.next_id(), session, codec, use_lz4, channels, indices,
@@ -484,6 +524,14 @@ def client(served, context):
     c.close()
 
 
+def welcome_header(request_id: int, session: str) -> dict:
+    """A valid welcome (section 4.2), for sending one where it does not belong."""
+    return {"v": PROTOCOL_VERSION, "kind": "welcome", "id": request_id, "session": session, "resumed": False,
+            "next_step": 0, "channels": CHANNELS, "sent_height": SIDE, "sent_width": SIDE, "classes": CLASSES,
+            "limits": {"max_batch": 1, "max_frame_bytes": 0, "max_lr_scale": 1, "session_idle_s": 1,
+                       "sessions_per_peer": 1}}
+
+
 def _batch(rng: np.random.Generator, n: int, b: int, scale: float = 1.0):
     indices = np.sort(rng.choice(CHANNELS, size=b, replace=False))
     return indices, (rng.standard_normal((n, b, SIDE, SIDE)) * scale).astype(np.float32)
@@ -494,14 +542,14 @@ def _batch(rng: np.random.Generator, n: int, b: int, scale: float = 1.0):
 def test_the_client_encodes_the_worked_example_byte_for_byte():
     values = np.array([[0.5, -1.0], [2.0, 0.25]], np.float32).reshape(2, 2, 1, 1)
     frames = train_frames(3, "9f2c4e1a6b7d8053", "fp32", False, 4, [1, 3], values, [7, 2], step=0)
-    assert frames[0] == (b'{"v":1,"kind":"train","id":3,"session":"9f2c4e1a6b7d8053","codec":"fp32","lz4":false,'
+    assert frames[0] == (b'{"v":2,"kind":"train","id":3,"session":"9f2c4e1a6b7d8053","codec":"fp32","lz4":false,'
                          b'"shape":[2,2,1,1],"channels":4,"step":0,"label_dtype":"uint8"}')
     assert len(frames[0]) == 147
     assert frames[1:] == [bytes.fromhex("01000300"), bytes.fromhex("0000003f000080bf000000400000803e"),
                           bytes.fromhex("0702")]
     assert sum(map(len, frames)) == 169
 
-    grad = [b'{"v":1,"kind":"grad","id":3,"session":"9f2c4e1a6b7d8053","codec":"fp32","lz4":false,'
+    grad = [b'{"v":2,"kind":"grad","id":3,"session":"9f2c4e1a6b7d8053","codec":"fp32","lz4":false,'
             b'"shape":[2,2,1,1],"step":0,"loss":1.25}', bytes.fromhex("01000300"),
             bytes.fromhex("0000003e000080bd000000000000c03f")]
     assert len(grad[0]) == 123 and sum(map(len, grad)) == 143
@@ -511,7 +559,7 @@ def test_the_client_encodes_the_worked_example_byte_for_byte():
 
     assert pack(values, "int8", False) == bytes.fromhex("0402813c" "0402013c" "20817f20")
     hello = hello_frames(1, "digits_cnn", 32, 4, "fp32", False, "train", 0)[0]
-    assert hello == (b'{"v":1,"kind":"hello","id":1,"pipeline":"digits_cnn","channels":32,"budget":4,"codec":"fp32",'
+    assert hello == (b'{"v":2,"kind":"hello","id":1,"pipeline":"digits_cnn","channels":32,"budget":4,"codec":"fp32",'
                      b'"lz4":false,"mode":"train","resolution":0}')
 
 
@@ -609,7 +657,7 @@ def test_documented_refusals_get_the_documented_code_and_id(served, client, cont
     int8_head = infer(session=int8_session, data_codec="int8", use_lz4=True)[:2]      # header + indices
     cases = [
         # (frames, accepted codes, expected id)
-        (_raw({**json.loads(good[0]), "v": 2}, *good[1:]), {"bad_version"}, 0),
+        (_raw({**json.loads(good[0]), "v": 3}, *good[1:]), {"bad_version"}, 0),
         (_raw({k: v for k, v in json.loads(good[0]).items() if k != "v"}, *good[1:]), {"bad_version"}, 0),
         (_raw({**json.loads(good[0]), "v": "1"}, *good[1:]), {"bad_version"}, 0),
         (_raw({**json.loads(good[0]), "v": 1.0}, *good[1:]), {"bad_version"}, 0),
@@ -678,15 +726,15 @@ def test_documented_refusals_get_the_documented_code_and_id(served, client, cont
          {"bad_budget"}, 77),
         (_raw({**json.loads(good[0]), "loss": float("nan")}, *good[1:]), {"bad_header"}, 0),
         (_raw({**json.loads(good[0]), "\u4e2d" * 1300: 1}, *good[1:]), {"bad_header"}, 0),   # echo > 4096 escaped
-        ([json.dumps({"v": 1, "kind": "welcome", "id": 80, "session": "abc"}).encode()], {"bad_kind"}, 80),
-        ([json.dumps({"v": 1, "kind": "error", "id": 81, "code": "x", "message": "y"}).encode()], {"bad_kind"}, 81),
-        ([json.dumps({"v": 1, "kind": "pred", "id": 82, "session": infer_session, "shape": [1, 2]}).encode(),
+        ([encode_header(welcome_header(80, "abc"))], {"bad_kind"}, 80),
+        ([json.dumps({"v": PROTOCOL_VERSION, "kind": "error", "id": 81, "code": "x", "message": "y"}).encode()], {"bad_kind"}, 81),
+        ([json.dumps({"v": PROTOCOL_VERSION, "kind": "pred", "id": 82, "session": infer_session, "shape": [1, 2]}).encode(),
           b"\0" * 8], {"bad_kind"}, 82),
-        ([json.dumps({"v": 1, "kind": "grad", "id": 83, "session": "ab", "codec": "fp32", "lz4": False,
+        ([json.dumps({"v": PROTOCOL_VERSION, "kind": "grad", "id": 83, "session": "ab", "codec": "fp32", "lz4": False,
                       "shape": [1, 1, 4, 4], "step": 0, "loss": 0.5}).encode(), b"\0\0", b"\0" * 64], {"bad_kind"}, 83),
         # Section 3 forbids senders a BOM and repeated keys but says nothing of receivers: either answer is taken.
         ([b"\xef\xbb\xbf" + good[0], *good[1:]], {"bad_header", "pred"}, None),
-        ([good[0][:-1] + b',"v":1}', *good[1:]], {"bad_header", "pred"}, None),
+        ([good[0][:-1] + b',"v":2}', *good[1:]], {"bad_header", "pred"}, None),
     ]
     mismatches = []
     for number, case in enumerate(filter(None, cases)):
@@ -724,10 +772,42 @@ def test_a_header_that_is_not_utf8_is_refused(client):
     assert answers == dict.fromkeys(answers, "bad_header"), answers
 
 
+def test_the_welcome_states_the_cut_and_a_session_resumes_by_id_then_ends_with_bye(client, reference):
+    """Sections 4.1, 4.2, 4.8 and 6.1: what a client needs to know, resuming, ending."""
+    welcome = client.welcome(PIPELINE, CHANNELS, budget=8)
+    assert (welcome["sent_height"], welcome["sent_width"], welcome["classes"]) == (SIDE, SIDE, CLASSES)
+    assert welcome["limits"]["max_frame_bytes"] >= 4 * welcome["limits"]["max_batch"] * CHANNELS * SIDE * SIDE
+    session = welcome["session"]
+    again = client.welcome(PIPELINE, CHANNELS, budget=8, resume=session)
+    assert (again["session"], again["resumed"], again["next_step"]) == (session, True, 0)
+    indices, values = _batch(np.random.default_rng(3), 2, 8)
+    np.testing.assert_allclose(client.infer(session, "fp32", False, CHANNELS, indices, values),
+                               reference(values, indices), atol=1e-4, rtol=1e-4)
+    client.bye(session)
+    with pytest.raises(ProtocolError) as gone:
+        client.infer(session, "fp32", False, CHANNELS, indices, values)
+    assert gone.value.code == "unknown_session"
+    fresh = client.welcome(PIPELINE, CHANNELS, budget=8, resume=session)  # gone: a new session, not an error
+    assert fresh["session"] != session and not fresh["resumed"]
+
+
+def test_a_version_1_client_reads_its_refusal_in_version_1(client):
+    """Section 10: a v1 message is answered in v1's own format, to its id, naming the version spoken."""
+    v1_hello = {"v": 1, "kind": "hello", "id": 41, "pipeline": PIPELINE, "channels": CHANNELS, "budget": 4,
+                "codec": "fp32", "lz4": False, "mode": "infer", "resolution": 0}
+    client.socket.send_multipart([json.dumps(v1_hello, separators=(",", ":")).encode()])
+    assert client.socket.poll(10000), "no answer to a v1 hello"
+    reply = client.socket.recv_multipart()
+    header = parse_header(reply[0])
+    assert len(reply) == 1 and sorted(header) == ["code", "id", "kind", "message", "v"]
+    assert (header["v"], header["kind"], header["id"], header["code"]) == (1, "error", 41, "bad_version")
+    assert "version 2" in header["message"]
+
+
 @pytest.mark.parametrize("kind", [["infer"], {"a": 1}])
 def test_a_kind_that_is_not_a_string_is_refused_and_the_server_keeps_serving(served, client, kind):
     """Section 7: `bad_kind` (id 0) when `kind` is not a known kind; section 11: a bad request costs an error."""
-    client.socket.send_multipart([json.dumps({"v": 1, "kind": kind, "id": 91}).encode()])
+    client.socket.send_multipart([json.dumps({"v": PROTOCOL_VERSION, "kind": kind, "id": 91}).encode()])
     replied = client.socket.poll(10000)
     time.sleep(0.2)
     alive = served[0].process.poll() is None
@@ -783,7 +863,7 @@ def _fuzz_message(rng: random.Random, request_id: int, templates) -> list[bytes]
         frames[0] = json.dumps(header, allow_nan=True).encode("utf-8", "surrogatepass")
     elif mutation == 8:                                        # version and kind
         header = json.loads(frames[0])
-        header[rng.choice(["v", "kind"])] = rng.choice([0, 2, -1, "1", 1.0, True, None, 2**70, "hello", "grad",
+        header[rng.choice(["v", "kind"])] = rng.choice([0, 3, -1, "2", 2.0, True, None, 2**70, "hello", "grad",
                                                          "pred", "error", "welcome", "train", "infer", "HELLO"])
         frames[0] = json.dumps(header).encode()
     elif mutation == 9:                                        # unknown sessions
@@ -793,7 +873,7 @@ def _fuzz_message(rng: random.Random, request_id: int, templates) -> list[bytes]
     elif mutation == 10:                                       # raw header text
         text = frames[0]
         frames[0] = rng.choice([
-            b"\xef\xbb\xbf" + text, text[:-1] + b',"v":1}', text + b" trailing", text[:-1] + b',"x":NaN}',
+            b"\xef\xbb\xbf" + text, text[:-1] + b',"v":2}', text + b" trailing", text[:-1] + b',"x":NaN}',
             text[:-1] + b',"x":-Infinity}', b"[" * 1500 + b"]" * 1500, b'{"a":' * 800 + b"1" + b"}" * 800,
             text.replace(b'"', b"'"), b"\x80\x81" + text, b"null", b"1", b'"string"', b"{}", b"",
             text[:-1] + b',"' + b"k" * 4000 + b'":1}', text.replace(b":1,", b":1.0,", 1),
@@ -869,11 +949,11 @@ def test_a_thousand_hostile_messages_do_not_hurt_the_server(served, client, refe
     def reply_template(request_id):                            # server -> edge kinds sent to the server
         session = sessions["fp32", False]
         return rng.choice([
-            [encode_header({"v": 1, "kind": "welcome", "id": request_id, "session": session})],
-            [encode_header({"v": 1, "kind": "error", "id": request_id, "code": "internal", "message": "m"})],
-            [encode_header({"v": 1, "kind": "pred", "id": request_id, "session": session, "shape": [1, 2]}),
+            [encode_header(welcome_header(request_id, session))],
+            [encode_header({"v": PROTOCOL_VERSION, "kind": "error", "id": request_id, "code": "internal", "message": "m"})],
+            [encode_header({"v": PROTOCOL_VERSION, "kind": "pred", "id": request_id, "session": session, "shape": [1, 2]}),
              b"\0" * 8],
-            [encode_header({"v": 1, "kind": "grad", "id": request_id, "session": session, "codec": "fp32",
+            [encode_header({"v": PROTOCOL_VERSION, "kind": "grad", "id": request_id, "session": session, "codec": "fp32",
                             "lz4": False, "shape": [1, 1, 4, 4], "step": 0, "loss": 0.5}), b"\0\0", b"\0" * 64],
         ])
 
@@ -896,7 +976,7 @@ def test_a_thousand_hostile_messages_do_not_hurt_the_server(served, client, refe
         reply = client.socket.recv_multipart()
         replies += 1
         try:
-            header, payload = decode_reply(reply)
+            header, payload = refused_version(reply) or decode_reply(reply)
         except MalformedReply as failure:
             problems.append(f"malformed reply {reply[:1]!r}: {failure}")
             continue

@@ -19,8 +19,9 @@ from sparse_rt.assembly import edge_chain, server_chain
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.transport.connection import bind_router, connect_dealer, frame_bytes
 from sparse_rt.transport.link import RequestLink, ServerUnreachable
-from sparse_rt.wire.messages import (Activations, ErrorReply, Gradients, Hello, Predictions, Welcome, decode_message,
-                                     encode_message)
+from sparse_rt.wire.header import PROTOCOL_VERSION
+from sparse_rt.wire.messages import (Activations, Bye, ErrorReply, Gradients, Hello, Predictions, Welcome,
+                                     decode_message, encode_message)
 
 
 @pytest.fixture
@@ -50,9 +51,9 @@ async def _ask(raw, frames, timeout=10.0):
 
 
 async def _open(raw, budget=4, codec="fp32", mode="train", pipeline="digits_cnn", channels=32, resolution=0,
-                grad_codec=None, grad_lz4=None):
+                grad_codec=None, grad_lz4=None, resume=None):
     return await _ask(raw, encode_message(Hello(1, pipeline, channels, budget, codec, False, mode, resolution,
-                                                grad_codec, grad_lz4)))
+                                                grad_codec, grad_lz4, resume)))
 
 
 def _batch(cut, budget=4, n=8, step=0, session="", labels=True, request_id=5):
@@ -138,7 +139,7 @@ async def test_bad_messages_get_error_replies_and_the_server_keeps_serving(serve
                                     torch.tensor([3, 12]))), "bad_labels"),
         (encode_message(Activations(5, session, "int8", False, 32, torch.arange(4), torch.randn(2, 4, 4, 4),
                                     torch.tensor([3, 1]))), "bad_codec"),
-        (encode_message(Welcome(5, session)), "bad_kind"),
+        (encode_message(Welcome(5, session, 32, 4, 4, 10, server.limits)), "bad_kind"),
     ]
     for frames, code in cases:
         reply = await _ask(raw, frames)
@@ -150,11 +151,64 @@ async def test_bad_messages_get_error_replies_and_the_server_keeps_serving(serve
 
 async def test_an_error_echoing_long_escaped_text_still_fits_the_header_limit(served):
     _, raw, *_ = served
-    hello = {"v": 1, "kind": "hello", "id": 3, "pipeline": "digits_cnn", "channels": 32, "budget": 4,
+    hello = {"v": PROTOCOL_VERSION, "kind": "hello", "id": 3, "pipeline": "digits_cnn", "channels": 32, "budget": 4,
              "codec": "fp32", "lz4": False, "mode": "é" * 1500, "resolution": 0}  # 3 KB as UTF-8, 9 KB once \u-escaped
     reply = await _ask(raw, [json.dumps(hello, ensure_ascii=False).encode()])
     assert isinstance(reply, ErrorReply) and reply.code == "bad_header" and reply.id == 0
     assert isinstance(await _open(raw), Welcome)
+
+
+async def test_the_welcome_states_the_cut_and_the_limits_a_client_must_keep(served):
+    server, raw, _, cut, *_ = served
+    welcome = await _open(raw)
+    assert (welcome.channels, welcome.sent_height, welcome.sent_width, welcome.classes) == (
+        cut.channels, cut.sent_height, cut.sent_width, digits.num_classes)
+    assert (welcome.resumed, welcome.next_step) == (False, 0)
+    assert welcome.limits["session_idle_s"] == server.table.idle_seconds
+    assert welcome.limits["sessions_per_peer"] == server.table.max_per_owner
+
+
+async def test_a_version_1_peer_is_refused_in_its_own_format(served):
+    _, raw, *_ = served
+    hello = {"v": 1, "kind": "hello", "id": 9, "pipeline": "digits_cnn", "channels": 32, "budget": 4,
+             "codec": "fp32", "lz4": False, "mode": "train", "resolution": 0}
+    await raw.send_multipart([json.dumps(hello).encode()])
+    reply = json.loads((await asyncio.wait_for(raw.recv_multipart(), 10))[0])
+    # A v1 client parses this as a plain v1 error on its own request, and reads why.
+    assert reply == {"v": 1, "kind": "error", "id": 9, "code": "bad_version", "message": reply["message"]}
+    assert f"speaks version {PROTOCOL_VERSION}" in reply["message"]
+
+
+async def test_a_hello_resumes_its_own_session_at_the_next_step_and_nobody_elses(served):
+    server, raw, _, cut, context, address = served
+    session = (await _open(raw)).session
+    for step in (0, 1, 2):
+        assert isinstance(await _ask(raw, encode_message(_batch(cut, step=step, session=session))), Gradients)
+    again = await _open(raw, resume=session)
+    assert (again.session, again.resumed, again.next_step) == (session, True, 3)
+    other = context.socket(zmq.DEALER)
+    other.connect(address)
+    try:
+        stranger = await _open(other, resume=session)  # another connection: a new session, nothing said of it
+        assert stranger.session != session and (stranger.resumed, stranger.next_step) == (False, 0)
+    finally:
+        other.close(linger=0)
+    changed = await _open(raw, budget=8, resume=session)  # other settings: a new session, the old one ends
+    assert changed.session != session and not changed.resumed and session not in server.sessions
+    assert server.stats.steps_in_ended_sessions == 3
+
+
+async def test_a_bye_ends_the_session_and_frees_its_stored_reply_at_once(served):
+    server, raw, _, cut, *_ = served
+    session = (await _open(raw)).session
+    assert isinstance(await _ask(raw, encode_message(_batch(cut, session=session))), Gradients)
+    assert server.sessions[session].last_reply is not None
+    assert await _ask(raw, encode_message(Bye(6, session))) == Bye(6, session)
+    assert session not in server.sessions and server.stats.sessions_closed == 1
+    late = await _ask(raw, encode_message(_batch(cut, step=1, session=session)))
+    assert isinstance(late, ErrorReply) and late.code == "unknown_session"
+    twice = await _ask(raw, encode_message(Bye(7, session)))
+    assert isinstance(twice, ErrorReply) and twice.code == "unknown_session"
 
 
 async def test_an_inference_session_may_not_train(served):

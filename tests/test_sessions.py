@@ -53,7 +53,7 @@ async def test_an_idle_session_expires_with_its_stored_reply_and_says_so(tmp_pat
         assert stored() is None  # the reply (the gradient tensor) is freed with the session
         late = await ask(raw, batch(cut, session, 1))
         assert isinstance(late, ErrorReply) and late.code == "unknown_session" and "expired" in late.message
-        assert server.stats.steps_in_expired_sessions == 1 and session not in server.stats.steps_per_session
+        assert server.stats.steps_in_ended_sessions == 1 and session not in server.stats.steps_per_session
 
 
 async def test_many_short_sessions_leave_nothing_behind_once_expired(tmp_path):
@@ -69,7 +69,7 @@ async def test_many_short_sessions_leave_nothing_behind_once_expired(tmp_path):
         gc.collect()
         assert not server.sessions and not server.stats.steps_per_session
         assert sum(ref() is not None for ref in replies) == 0
-        assert server.stats.sessions_expired == 300 and server.stats.steps_in_expired_sessions == 300
+        assert server.stats.sessions_expired == 300 and server.stats.steps_in_ended_sessions == 300
 
 
 async def test_an_edge_whose_session_expired_opens_a_new_one_and_goes_on(tmp_path):

@@ -19,7 +19,7 @@ from sparse_rt.stages.base import Stage, StepContext
 from sparse_rt.stages.chain import EdgeChain
 from sparse_rt.stages.codec import CodecStage
 from sparse_rt.stages.compressor import CompressorStage
-from sparse_rt.wire.messages import Activations, Hello, Welcome
+from sparse_rt.wire.messages import Activations, Bye, Hello, Welcome
 
 CUT = CutShape(32, 4, 4, 4, 4)
 
@@ -38,9 +38,9 @@ def test_the_session_table_applies_each_step_once_without_any_socket():
     session = table.open(b"edge-a", Hello(1, "digits_cnn", 32, 4, "fp32", False, "train"))
     assert table.session_for(b"edge-a", _step(session.id, 0)) is session
     assert table.replay(session, _step(session.id, 0)) is None  # new: to be applied
-    table.applied(session, 0, reply := Welcome(0, session.id))  # any reply with an id stands in for a grad
+    table.applied(session, 0, reply := Bye(0, session.id))  # any reply with an id stands in for a grad
     assert table.replay(session, _step(session.id, 0)) is reply and reply.id == 7  # resent: answered again, its id
-    table.applied(session, 3, Welcome(0, session.id))  # steps need not be consecutive
+    table.applied(session, 3, Bye(0, session.id))  # steps need not be consecutive
     with pytest.raises(WireError) as stale:
         table.replay(session, _step(session.id, 1))
     assert stale.value.code == "stale_step"
@@ -61,7 +61,7 @@ def test_the_edge_protocol_numbers_steps_only_when_applied():
     assert (session.grad_codec, session.grad_lz4) == ("fp16", False)  # lz4 as the activations: off
     with pytest.raises(RuntimeError, match="handshake"):
         protocol.context("train", 2)
-    protocol.opened(Welcome(1, "abc"))
+    protocol.opened(Welcome(1, "abc", 32, 4, 4, 10, {}))
     assert protocol.context("train", 2).step == 0
     protocol.applied()
     ctx = protocol.context("train", 3)

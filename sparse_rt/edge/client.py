@@ -21,7 +21,7 @@ import torch
 import zmq.asyncio
 
 from sparse_rt.errors import ConfigError
-from sparse_rt.model.sides import CutShape, EdgeModel
+from sparse_rt.model.sides import EdgeModel
 from sparse_rt.pipeline import Pipeline, TrainingSettings, get_pipeline
 from sparse_rt.assembly import edge_chain, edge_side
 from sparse_rt.store.checkpoint import read_checkpoint, save_checkpoint
@@ -100,6 +100,7 @@ class EdgeClient:
         resuming = mode == "train" and "routing_id" in meta  # a training edge going on (an app may share a head)
         self.routing_id = bytes.fromhex(meta["routing_id"]) if resuming else b"e" + secrets.token_bytes(15)
         self._resume_steps = int(meta.get("steps", 0)) if mode == "train" else 0  # step numbers go on from there
+        self._resume_session = str(meta["session"]) if resuming and meta.get("session") else None
         self._context: zmq.asyncio.Context | None = None
         self.session: EdgeSession | None = None
 
@@ -128,7 +129,8 @@ class EdgeClient:
                                 options=(sockopt(zmq.ROUTING_ID, self.routing_id), *self._socket_options, events))
         events.start()
         link = RequestLink(socket, self.address, self._timeout, self._retries, events)
-        self.session = EdgeSession(self.chain, link, self.settings, MetricsLog(self._metrics_path), self._offload)
+        self.session = EdgeSession(self.chain, link, self.settings, MetricsLog(self._metrics_path), self._offload,
+                                   self._resume_session)
         if self._resume_steps:
             self.session.protocol.steps = self._resume_steps
         verdict = asyncio.create_task(events.verdict(self._timeout * (self._retries + 1)))
@@ -188,11 +190,14 @@ class EdgeClient:
 
     def save(self, path: str | Path, **meta: Any) -> None:
         """Checkpoint the head, the compressor and the optimizer, with the settings needed to reload them."""
+        if self.session is not None and self.session.session_id is not None:
+            meta.setdefault("session", self.session.session_id)  # resumed by a restarted edge (protocol v2)
         save_checkpoint(path, self.chain.module, self.optimizer, pipeline=self.pipeline.name, budget=self.budget,
                         resolution=self.settings.resolution, routing_id=self.routing_id.hex(), **meta)
 
     async def close(self) -> None:
         if self.session is not None:
+            await self.session.end()
             await self.session.link.close()
             self.session.close()
             self.session.metrics.close()

@@ -45,18 +45,27 @@ class SessionSettings:
 class EdgeProtocol:
     """The edge's side of one session: the hello it sends, the session id it got, the steps applied."""
 
-    def __init__(self, settings: SessionSettings) -> None:
+    def __init__(self, settings: SessionSettings, resume: str | None = None) -> None:
         self.settings = settings
         self.session_id: str | None = None
+        self.resume = resume  # a session held before a restart, asked for in the first hello
         self.steps = 0  # training steps applied by the server; the next step's number
+        self.steps_skipped = 0  # steps the tail applied after the head's last checkpoint: not run again
+        self.welcome: Welcome | None = None  # what the server said about its cut and limits
 
     def hello(self, request_id: int) -> Hello:
         s = self.settings  # a None grad_codec/grad_lz4 is left out: the server's default is the activations' own
         return Hello(request_id, s.pipeline, s.channels, s.budget, s.codec, s.lz4, s.mode, s.resolution,
-                     s.grad_codec, s.grad_lz4)
+                     s.grad_codec, s.grad_lz4, self.session_id or self.resume)
 
     def opened(self, welcome: Welcome) -> str:
-        self.session_id = welcome.session
+        """The session is open; a resumed one goes on at the server's next step if the tail got further."""
+        if welcome.resumed and welcome.next_step > self.steps:
+            # The head restarted from a checkpoint older than the tail's last step: those batches reached the
+            # tail once; sending them again would apply them twice, so the edge skips them.
+            self.steps_skipped += welcome.next_step - self.steps
+            self.steps = welcome.next_step
+        self.session_id, self.resume, self.welcome = welcome.session, None, welcome
         return welcome.session
 
     def context(self, kind: Kind, request_id: int, labels: torch.Tensor | None = None,

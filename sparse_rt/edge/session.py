@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import torch
 
 from sparse_rt.edge.protocol import EdgeProtocol, SessionSettings
-from sparse_rt.errors import ConfigError
+from sparse_rt.errors import ConfigError, SparseRtError
 from sparse_rt.metrics import MetricsLog, StageTimer
 from sparse_rt.stages.base import StepContext
 from sparse_rt.stages.chain import EdgeChain
@@ -26,8 +26,8 @@ from sparse_rt.stages.codec import decode_reply
 from sparse_rt.stages.source import Batch, batches
 from sparse_rt.stages.transport import TransportStage
 from sparse_rt.transport.connection import frame_bytes
-from sparse_rt.transport.link import RequestLink
-from sparse_rt.wire.messages import Welcome, encode_message, readdressed
+from sparse_rt.transport.link import RequestLink, ServerUnreachable
+from sparse_rt.wire.messages import Bye, Welcome, encode_message, readdressed
 
 __all__ = ["EdgeSession", "SessionSettings"]
 
@@ -37,6 +37,8 @@ log = logging.getLogger("sparse_rt.edge")
 
 # Replies up to this size are decoded on the event loop instead of the worker thread.
 INLINE_DECODE_BYTES = 64 * 1024
+# How long a closing edge waits for the server to acknowledge the end of its session.
+BYE_TIMEOUT = 2.0
 
 
 class EdgeSession:
@@ -49,14 +51,14 @@ class EdgeSession:
     """
 
     def __init__(self, chain: EdgeChain, link: RequestLink, settings: SessionSettings,
-                 metrics: MetricsLog | None = None, offload: bool = True) -> None:
+                 metrics: MetricsLog | None = None, offload: bool = True, resume: str | None = None) -> None:
         self.chain = chain
         self.link = link
         if chain.transport is not None and chain.transport.link is not link:
             raise ConfigError("the chain's TransportStage sends over another link than this session's; give the "
                               "session the stage's link, or leave the stage out and the session adds one")
         self.transport = chain.transport or TransportStage(link)
-        self.protocol = EdgeProtocol(settings)
+        self.protocol = EdgeProtocol(settings, resume)
         self.metrics = metrics or MetricsLog(None)
         self.rows_sent = 0  # rows of the last training step that reached the server (its loss is over them)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head") if offload else None
@@ -89,7 +91,31 @@ class EdgeSession:
             welcome = decode_reply(header, raw, Welcome)
         self.metrics.record(timer, kind="hello", id=request_id, bytes_up=frame_bytes(frames),
                             bytes_down=frame_bytes(raw))
-        return self.protocol.opened(welcome)
+        session = self.protocol.opened(welcome)
+        if welcome.resumed:
+            log.info("resumed session %s at step %d%s", session, self.steps,
+                     f" ({self.protocol.steps_skipped} step(s) the tail had after the head's checkpoint are "
+                     "skipped)" if self.protocol.steps_skipped else "")
+        return session
+
+    async def end(self, timeout: float = BYE_TIMEOUT) -> None:
+        """Tell the server the session is over, so it frees it now rather than after its idle time.
+
+        Best effort, with a short timeout: a server that is gone ends it by expiry anyway.
+        """
+        if self.session_id is None or not self.link.answering:  # a server that stopped answering is not waited for
+            return
+        request_id, timer = self.link.next_id(), StageTimer()
+        frames = encode_message(Bye(request_id, self.session_id))
+        try:
+            with timer.stage("wait"):
+                header, raw = await self.link.request(request_id, frames, timeout=timeout, retries=0)
+            decode_reply(header, raw, Bye)
+            self.metrics.record(timer, kind="bye", id=request_id, bytes_up=frame_bytes(frames),
+                                bytes_down=frame_bytes(raw))
+        except (ServerUnreachable, SparseRtError) as exc:
+            log.info("could not end session %s (%s); the server ends it when idle", self.session_id, exc)
+        self.protocol.session_id = None
 
     def set_lr_scale(self, scale: float) -> None:
         """Train head and tail at ``scale`` times their base learning rates from the next step on.

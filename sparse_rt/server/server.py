@@ -28,14 +28,14 @@ import zmq
 from sparse_rt.errors import WireError, printable
 from sparse_rt.metrics import MetricsLog, StageTimer
 from sparse_rt.model.sides import CutShape
-from sparse_rt.server.sessions import (MAX_SESSIONS, SESSION_IDLE_SECONDS, ServedCut, ServerStats, Session,
-                                       SessionTable)
+from sparse_rt.server.sessions import (DEFAULT_MAX_BATCH, MAX_SESSIONS, SESSION_IDLE_SECONDS, ServedCut,
+                                       ServerStats, Session, SessionTable)
 from sparse_rt.server.trust import TRAIN, AllowList
 from sparse_rt.stages.base import Cut, StepContext
 from sparse_rt.stages.chain import ServerChain
 from sparse_rt.transport.connection import Transport, frame_bytes
-from sparse_rt.wire.header import MAX_HEADER_BYTES, decode_header
-from sparse_rt.wire.messages import (Activations, ErrorReply, Gradients, Hello, Message, Predictions, Welcome,
+from sparse_rt.wire.header import MAX_HEADER_BYTES, MAX_LR_SCALE, PROTOCOL_VERSION, decode_header, encode_header
+from sparse_rt.wire.messages import (Activations, Bye, Gradients, Hello, Message, Predictions, Welcome,
                                      decode_message, encode_message)
 
 __all__ = ["SplitServer", "ServerStats", "Session", "error_frames"]
@@ -51,13 +51,17 @@ MAX_ERROR_TEXT = 2048
 INLINE_STEP_MS = 5.0
 
 
-def error_frames(request_id: int | None, code: str, text: str) -> list[Any]:
-    """An error reply whose header fits the limit even when escaping lengthens a peer's echoed text."""
+def error_frames(request_id: int | None, code: str, text: str, version: int | None = None) -> list[Any]:
+    """An error reply whose header fits the limit even when escaping lengthens a peer's echoed text.
+
+    ``version``: answer a peer of an older protocol in its own format, so it can read why it is refused.
+    """
     text = text[:MAX_ERROR_TEXT]
     while True:
-        frames = encode_message(ErrorReply(request_id or 0, code, text))
-        if len(frames[0]) <= MAX_HEADER_BYTES:
-            return frames
+        header = encode_header({"kind": "error", "id": request_id or 0, "code": code, "message": text},
+                               version or PROTOCOL_VERSION)
+        if len(header) <= MAX_HEADER_BYTES:
+            return [header]
         text = text[: len(text) // 2]
 
 
@@ -70,10 +74,10 @@ class SplitServer:
 
     def __init__(self, pipeline: str, chain: ServerChain, cut: CutShape, num_classes: int,
                  connection: Transport, queue_size: int = 16, metrics: MetricsLog | None = None,
-                 after_step: Callable[[int], None] | None = None,
+                 after_step: Callable[[int], None] | None = None, after_open: Callable[[], None] | None = None,
                  model_set: dict[int, ServerChain] | None = None, allow: AllowList | None = None,
                  reveal: bool = True, max_sessions: int = MAX_SESSIONS,
-                 session_idle: float = SESSION_IDLE_SECONDS) -> None:
+                 session_idle: float = SESSION_IDLE_SECONDS, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         self.chain = chain
         self.allow = allow  # with CURVE: the keys let in, and which of them may train
         self.model_set = model_set
@@ -83,13 +87,25 @@ class SplitServer:
                                             trains=chain.trains and model_set is None), reveal, max_sessions,
                                   session_idle)
         self.connection = connection
+        self.limits = self._limits(max_batch)
         self.metrics = metrics or MetricsLog(None)
         self.after_step = after_step  # called in the worker thread, after the reply, with the count of applied steps
+        # Called in the worker thread when a training session opens, before its welcome: a checkpoint written
+        # then lets a restarted server know the session, so steps it loses are counted, not silent.
+        self.after_open = after_open
         self._queue: asyncio.Queue[tuple[bytes, list[zmq.Frame], dict[str, Any], float]] = asyncio.Queue(queue_size)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
         self._ms_per_byte: dict[str, float] = {}  # per kind: a running estimate of ms per byte received
         self._reader: asyncio.Task[None] | None = None
         self._draining = False
+
+    def _limits(self, max_batch: int) -> dict[str, int | float]:
+        """What every welcome states (docs/PROTOCOL.md 4.2), read from the parts that enforce each limit."""
+        optimizer = self.chain.optimizer
+        frame_limit = self.connection.socket.getsockopt(zmq.MAXMSGSIZE)
+        return {"max_batch": max_batch, "max_frame_bytes": max(frame_limit, 0),
+                "max_lr_scale": min(optimizer.max_lr_scale if optimizer is not None else MAX_LR_SCALE, MAX_LR_SCALE),
+                "session_idle_s": self.table.idle_seconds, "sessions_per_peer": self.table.max_per_owner}
 
     @property
     def stats(self) -> ServerStats:
@@ -159,15 +175,15 @@ class SplitServer:
         except WireError as exc:
             await self._refuse(route, exc)
             return
-        if fields["kind"] == "hello":
-            await self.connection.send(self._handshake(route, frames, fields), route)
-        else:
+        if fields["kind"] == "hello" and not (self.after_open is not None and fields.get("mode") == "train"):
+            await self.connection.send(self._handshake(route, frames, fields)[0], route)
+        else:  # steps, and training hellos that must be saved before they are answered: in order, by the worker
             await self._queue.put((route, frames, fields, time.perf_counter()))
 
     async def _refuse(self, route: bytes, exc: WireError) -> None:
         self.stats.errors += 1
         log.warning("refused a message from %s: %s", route.hex(), printable(exc))
-        await self.connection.send(error_frames(exc.request_id, exc.code, str(exc)), route)
+        await self.connection.send(error_frames(exc.request_id, exc.code, str(exc), exc.version), route)
 
     def _owner(self, route: bytes, frames: list[zmq.Frame]) -> bytes:
         """Who sent it: the authenticated key with CURVE (so a reconnecting edge keeps its sessions and no
@@ -176,23 +192,34 @@ class SplitServer:
             return route
         return frames[0].get("User-Id").encode("ascii")
 
-    def _handshake(self, route: bytes, frames: list[zmq.Frame], header: dict[str, Any]) -> list[Any]:
+    def _handshake(self, route: bytes, frames: list[zmq.Frame], header: dict[str, Any]) -> tuple[list[Any], bool]:
+        """The reply to a hello, and whether it opened a new training session."""
         try:
             hello = decode_message(frames, header)
             assert isinstance(hello, Hello)
             owner = self._owner(route, frames)
             may_train = self.allow is None or self.allow.role(owner.decode("ascii")) == TRAIN
-            session = self.table.open(owner, hello, may_train)
+            session, resumed = self.table.handshake(owner, hello, may_train)
         except WireError as exc:
             self.stats.errors += 1
             log.warning("refused a handshake from %s: %s", route.hex(), printable(exc))
-            return error_frames(exc.request_id, exc.code, str(exc))
-        return encode_message(Welcome(hello.id, session.id))
+            return error_frames(exc.request_id, exc.code, str(exc)), False
+        served = self.table.served
+        return encode_message(Welcome(hello.id, session.id, served.cut.channels, served.cut.sent_height,
+                                      served.cut.sent_width, served.num_classes, self.limits, resumed,
+                                      session.last_step + 1)), not resumed and session.mode == "train"
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             route, frames, header, queued = await self._queue.get()
+            if header["kind"] == "hello":
+                reply, opened = self._handshake(route, frames, header)
+                if opened and self.after_open is not None:
+                    await self._run_hook(self.after_open)
+                await self.connection.send(reply, route)
+                self._queue.task_done()
+                continue
             timer = StageTimer()
             timer.ms["queue"] = (time.perf_counter() - queued) * 1e3
             kind, size, applied = header["kind"], frame_bytes(frames), self.stats.steps_applied
@@ -205,12 +232,15 @@ class SplitServer:
             await self.connection.send(answer.frames, route)
             if self.after_step is not None and self.stats.steps_applied != applied:
                 # e.g. a checkpoint save: off the loop, and before the next step changes the tail
-                try:
-                    await loop.run_in_executor(self._executor, self.after_step, self.stats.steps_applied)
-                except Exception:  # the step is applied and answered; a failed save must not stop serving
-                    log.exception("after step %d: the after-step hook failed; serving goes on",
-                                  self.stats.steps_applied)
+                await self._run_hook(self.after_step, self.stats.steps_applied)
             self._queue.task_done()
+
+    async def _run_hook(self, hook: Callable[..., None], *args: Any) -> None:
+        """A hook (a checkpoint save) in the worker thread; its failure is logged, and serving goes on."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, hook, *args)
+        except Exception:  # the step is applied and answered; a failed save must not stop serving
+            log.exception("the %s hook failed; serving goes on", getattr(hook, "__name__", "server"))
 
     def _learn(self, kind: str, size: int, ms: float) -> None:
         """Track each kind's cost per byte received (an exponential average that forgets in a few messages).
@@ -236,6 +266,9 @@ class SplitServer:
             with timer.stage("decode"):
                 message = decode_message(frames, header)
             request_id = message.id
+            if isinstance(message, Bye):  # with the steps, in order: a bye after a step ends the session after it
+                self.table.close(self._owner(route, frames), message.session)
+                return Answer("bye", request_id, encode_message(Bye(request_id, message.session)))
             if not isinstance(message, Activations):
                 raise WireError(f"a server does not accept '{type(message).__name__}' messages", "bad_kind")
             with timer.stage("tail"):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from sparse_rt.errors import WireError, printable
 from sparse_rt.model.sides import CutShape
@@ -24,6 +25,7 @@ log = logging.getLogger("sparse_rt.server")
 MAX_SESSIONS = 1024  # open sessions at once, all peers together
 MAX_SESSIONS_PER_PEER = 64  # open sessions of one peer (key, or socket without CURVE)
 SESSION_IDLE_SECONDS = 600.0  # a session without a message for this long ends
+DEFAULT_MAX_BATCH = 1024  # samples a message may carry in any codec (it sizes the server's frame limit)
 
 
 @dataclass
@@ -51,8 +53,22 @@ class ServerStats:
     errors: int = 0
     sessions_opened: int = 0
     sessions_expired: int = 0
+    sessions_closed: int = 0  # ended by their edge's bye
     steps_per_session: dict[str, int] = field(default_factory=dict)  # open sessions only (bounded with them)
-    steps_in_expired_sessions: int = 0
+    steps_in_ended_sessions: int = 0  # steps of every session expired or closed
+    ended_steps: OrderedDict[str, int] = field(default_factory=OrderedDict)  # the most recent ended sessions' steps
+
+    def ended(self, session_id: str) -> None:
+        """Move a session's step count out of the open ones; the last few stay on view for the summary."""
+        steps = self.steps_per_session.pop(session_id, 0)
+        self.steps_in_ended_sessions += steps
+        self.ended_steps[session_id] = steps
+        while len(self.ended_steps) > MAX_SESSIONS:
+            self.ended_steps.popitem(last=False)
+
+    def all_steps(self) -> dict[str, int]:
+        """Steps per session: the open ones and the most recently ended ones."""
+        return {**self.ended_steps, **self.steps_per_session}
     steps_rolled_back: int = 0  # acknowledged steps lost because the server died after its last checkpoint
 
 
@@ -75,14 +91,55 @@ class SessionTable:
     """Opens sessions and checks every message against its session and the step rule."""
 
     def __init__(self, served: ServedCut, reveal: bool = True, max_sessions: int = MAX_SESSIONS,
-                 idle_seconds: float = SESSION_IDLE_SECONDS, max_per_owner: int = MAX_SESSIONS_PER_PEER) -> None:
+                 idle_seconds: float = SESSION_IDLE_SECONDS, max_per_owner: int = MAX_SESSIONS_PER_PEER,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.served = served
         self.reveal = reveal  # False: a refused handshake is told nothing about the model (the log has why)
         self.max_sessions = max_sessions
         self.max_per_owner = max(1, min(max_per_owner, max_sessions))
         self.idle_seconds = idle_seconds
+        self.clock = clock  # seconds, for idle expiry (a test drives its own)
         self.sessions: dict[str, Session] = {}
         self.stats = ServerStats()
+
+    def handshake(self, owner: bytes, hello: Hello, may_train: bool = True) -> tuple[Session, bool]:
+        """The session for an acceptable hello and whether it is the one the hello resumes.
+
+        A hello resumes a session when that session is still here, is this
+        owner's and has the same settings; its edge goes on at the step after
+        the last one applied. Otherwise a new session opens, and a resumed
+        session of this owner with other settings ends (its edge has given
+        it up). Another owner's session is treated as unknown: the reply
+        says nothing about it.
+        """
+        resumed = self.sessions.get(hello.resume) if hello.resume is not None else None
+        if resumed is not None and resumed.owner != owner:
+            resumed = None
+        if resumed is not None and self._check_hello(hello) is None and (hello.mode == "infer" or may_train):
+            if self._settings(hello) == (resumed.mode, resumed.budget, resumed.codec, resumed.lz4,
+                                         resumed.grad_codec, resumed.grad_lz4):
+                resumed.last_seen = self.clock()
+                log.info("session %s resumed at step %d", resumed.id, resumed.last_step + 1)
+                return resumed, True
+            self.close(owner, resumed.id)
+        return self.open(owner, hello, may_train), False
+
+    @staticmethod
+    def _settings(hello: Hello) -> tuple[str, int, str, bool, str, bool]:
+        grad_codec = hello.codec if hello.grad_codec is None else hello.grad_codec
+        grad_lz4 = hello.lz4 if hello.grad_lz4 is None else hello.grad_lz4
+        return hello.mode, hello.budget, hello.codec, hello.lz4, grad_codec, grad_lz4
+
+    def close(self, owner: bytes, session_id: str) -> Session:
+        """End a session at its owner's word (a ``bye``), freeing it and its stored reply at once."""
+        session = self.sessions.get(session_id)
+        if session is None or session.owner != owner:
+            raise WireError(f"unknown session '{session_id}'", "unknown_session")
+        del self.sessions[session_id]
+        self.stats.sessions_closed += 1
+        self.stats.ended(session_id)
+        log.info("session %s closed by its edge after step %d", session_id, session.last_step)
+        return session
 
     def open(self, owner: bytes, hello: Hello, may_train: bool = True) -> Session:
         """A new session for an acceptable hello, or WireError('handshake_refused') saying why not.
@@ -99,10 +156,7 @@ class SessionTable:
                 log.warning("refused a handshake: %s", printable(problem))
                 problem = "handshake refused (the server's log says why)"
             raise WireError(problem, "handshake_refused", hello.id)
-        grad_codec = hello.codec if hello.grad_codec is None else hello.grad_codec
-        grad_lz4 = hello.lz4 if hello.grad_lz4 is None else hello.grad_lz4
-        session = Session(secrets.token_hex(8), owner, hello.mode, hello.budget, hello.codec, hello.lz4, grad_codec,
-                          grad_lz4)
+        session = Session(secrets.token_hex(8), owner, *self._settings(hello), last_seen=self.clock())
         self.sessions[session.id] = session
         self.stats.sessions_opened += 1
         log.info("session %s opened: %s, budget %d/%d, codec %s%s", session.id, hello.mode, hello.budget,
@@ -144,7 +198,7 @@ class SessionTable:
         if session is None or session.owner != owner:
             raise WireError(f"unknown session '{message.session}' (never opened, opened by another peer, or "
                             "expired after being idle); open one with a hello", "unknown_session")
-        session.last_seen = time.monotonic()
+        session.last_seen = self.clock()
         self._check(session, message)
         return session
 
@@ -161,12 +215,12 @@ class SessionTable:
 
     def expire(self, now: float | None = None) -> list[str]:
         """End the sessions idle for longer than ``idle_seconds``, their stored replies with them."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         idle = [sid for sid, session in self.sessions.items() if now - session.last_seen > self.idle_seconds]
         for sid in idle:
             del self.sessions[sid]
             self.stats.sessions_expired += 1
-            self.stats.steps_in_expired_sessions += self.stats.steps_per_session.pop(sid, 0)
+            self.stats.ended(sid)
         if idle:
             log.info("expired %d idle session(s); %d open", len(idle), len(self.sessions))
         return idle
@@ -225,7 +279,7 @@ class SessionTable:
         for saved in sessions:
             session = Session(saved["id"], bytes.fromhex(saved["owner"]), saved["mode"], saved["budget"],
                               saved["codec"], saved["lz4"], saved["grad_codec"], saved["grad_lz4"],
-                              saved["last_step"], restored=True)
+                              saved["last_step"], last_seen=self.clock(), restored=True)
             self.sessions[session.id] = session
             if saved["steps"]:
                 self.stats.steps_per_session[session.id] = saved["steps"]

@@ -16,7 +16,7 @@ import torch
 
 from sparse_rt.errors import ConfigError, RemoteError, WireError
 from sparse_rt.stages.base import Cut, Stage, StepContext
-from sparse_rt.wire.codecs import codec_names, get_codec
+from sparse_rt.wire.codecs import codec_names
 from sparse_rt.wire.messages import Activations, ErrorReply, Gradients, Message, Predictions, decode_message, \
     encode_message
 

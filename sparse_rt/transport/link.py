@@ -43,6 +43,7 @@ class RequestLink:
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._frames: dict[int, Sequence[Any]] = {}  # what each waiting request sent, to send again
         self._reader: asyncio.Task[None] | None = None
+        self.answering = True  # False once a request ran out of tries, until a reply comes again
         self._resender: asyncio.Task[None] | None = None
         if events is not None:
             events.on_reconnect = self._server_back
@@ -50,10 +51,12 @@ class RequestLink:
     def next_id(self) -> int:
         return next(self._ids)
 
-    async def request(self, request_id: int, frames: Sequence[Any]) -> Reply:
+    async def request(self, request_id: int, frames: Sequence[Any], timeout: float | None = None,
+                      retries: int | None = None) -> Reply:
         """Send, and resend up to ``retries`` times while no reply comes (the ZeroMQ guide's Lazy Pirate).
 
-        Returns the reply's validated header (read here to match the id) and its frames.
+        Returns the reply's validated header (read here to match the id) and
+        its frames. ``timeout`` and ``retries`` default to the link's.
 
         Resending is safe: the server answers a repeated training step again
         without applying it twice.
@@ -63,20 +66,23 @@ class RequestLink:
         reply = asyncio.get_running_loop().create_future()
         self._pending[request_id] = reply
         self._frames[request_id] = frames
+        timeout = self.timeout if timeout is None else timeout
+        retries = self.retries if retries is None else retries
         try:
-            for attempt in range(self.retries + 1):
+            for attempt in range(retries + 1):
                 await self.connection.send(frames)
                 # wait() leaves the future alone on a timeout (no shield, no extra task per request),
                 # so a reply to an earlier try still counts after a resend.
-                done, _ = await asyncio.wait((reply,), timeout=self.timeout)
+                done, _ = await asyncio.wait((reply,), timeout=timeout)
                 if done:
                     return reply.result()
-                if attempt < self.retries:
+                if attempt < retries:
                     log.warning("no reply to request %d from %s within %g s; resending (%d of %d)",
-                                request_id, self.address, self.timeout, attempt + 1, self.retries)
+                                request_id, self.address, timeout, attempt + 1, retries)
+            self.answering = False
             raise ServerUnreachable(
-                f"no reply from the server at {self.address} after {self.retries + 1} tries of "
-                f"{self.timeout:g} s; is it running and reachable?"
+                f"no reply from the server at {self.address} after {retries + 1} tries of "
+                f"{timeout:g} s; is it running and reachable?"
             )
         finally:
             self._pending.pop(request_id, None)
@@ -106,6 +112,7 @@ class RequestLink:
             except WireError as exc:
                 log.warning("dropping an unreadable reply from %s: %s", self.address, printable(exc))
                 continue
+            self.answering = True
             request_id = header["id"]
             waiting = self._pending.get(request_id)
             if waiting is None and request_id == 0 and len(self._pending) == 1:

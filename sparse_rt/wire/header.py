@@ -14,7 +14,10 @@ from typing import Any, Callable
 
 from sparse_rt.errors import WireError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+# Versions this peer no longer speaks but still answers, in their own format, with a `bad_version` error
+# that names the version it speaks: a v1 client reads a refusal, not a reply it cannot parse.
+REFUSED_VERSIONS = (1,)
 MAX_HEADER_BYTES = 4096
 MAX_ID = 2**63 - 1
 MAX_CHANNELS = 65535  # channel indices travel as uint16
@@ -40,6 +43,23 @@ def _shape(rank: int) -> Check:
 
 _is_bool: Check = lambda v: type(v) is bool
 _is_number: Check = lambda v: type(v) in (int, float) and v == v and abs(v) != float("inf")
+_is_positive: Check = lambda v: _is_number(v) and v > 0
+
+
+def _object(fields: dict[str, Check]) -> Check:
+    """A JSON object with exactly these fields, each passing its check."""
+    return lambda v: (type(v) is dict and set(v) == set(fields)
+                      and all(check(v[name]) for name, check in fields.items()))
+
+
+# What a server allows, stated in its welcome (docs/PROTOCOL.md 4.2).
+LIMITS: dict[str, Check] = {
+    "max_batch": _int(1),  # samples a message may carry in any codec without passing max_frame_bytes
+    "max_frame_bytes": _int(0),  # largest frame the server reads; a larger one drops the connection (0: none)
+    "max_lr_scale": _is_positive,  # lr_scale above this is applied as this
+    "session_idle_s": _is_positive,  # a session silent for this long ends
+    "sessions_per_peer": _int(1),  # open sessions one peer (key, or connection) may hold
+}
 
 # Largest learning-rate multiplier a training step may ask for: schedules boost by a few x, not more.
 MAX_LR_SCALE = 100.0
@@ -61,7 +81,10 @@ SCHEMAS: dict[str, dict[str, Check]] = {
         "mode": _one_of("train", "infer"),
         "resolution": _int(0, 255),
     },
-    "welcome": {"session": _str(64)},
+    "welcome": {"session": _str(64), "resumed": _is_bool, "next_step": _int(), "channels": _int(1, MAX_CHANNELS),
+                "sent_height": _int(1, 2**31), "sent_width": _int(1, 2**31), "classes": _int(1, 2**31),
+                "limits": _object(LIMITS)},
+    "bye": {"session": _str(64)},
     "train": {**_TENSOR, "step": _int(), "channels": _int(1, MAX_CHANNELS), "shape": _shape(4),
               "label_dtype": _one_of("uint8", "uint16", "int32", "int64")},
     "infer": {**_TENSOR, "channels": _int(1, MAX_CHANNELS), "shape": _shape(4)},
@@ -74,7 +97,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
 OPTIONAL: dict[str, dict[str, Check]] = {
     "train": {"lr_scale": _is_lr_scale},  # the tail's learning-rate multiplier for this step (default 1)
     # the gradients' encoding when it differs from the activations' (default: codec and lz4)
-    "hello": {"grad_codec": _str(16), "grad_lz4": _is_bool},
+    "hello": {"grad_codec": _str(16), "grad_lz4": _is_bool,
+              "resume": _str(64)},  # a session this client held: resumed if the server still has it for this peer
 }
 
 
@@ -87,9 +111,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return fields
 
 
-def encode_header(fields: dict[str, Any]) -> bytes:
+def encode_header(fields: dict[str, Any], version: int = PROTOCOL_VERSION) -> bytes:
     """Serialise a header; ``v`` is filled in. Used only for trusted, local data."""
-    return json.dumps({"v": PROTOCOL_VERSION, **fields}, separators=(",", ":")).encode()
+    return json.dumps({"v": version, **fields}, separators=(",", ":")).encode()
 
 
 def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
@@ -105,8 +129,13 @@ def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
         raise WireError(f"header must be a JSON object, got {type(fields).__name__}", "bad_header")
     version = fields.get("v")
     if version != PROTOCOL_VERSION or type(version) is not int:
-        raise WireError(f"protocol version {version!r} is not supported; this peer speaks {PROTOCOL_VERSION}",
-                        "bad_version")
+        exc = WireError(f"protocol version {version!r} is not supported; this peer speaks version "
+                        f"{PROTOCOL_VERSION} (docs/PROTOCOL.md); upgrade the other side", "bad_version")
+        if type(version) is int and version in REFUSED_VERSIONS:
+            exc.version = version  # answered in that version's own format, to the request's id when it has one
+            request_id = fields.get("id")
+            exc.request_id = request_id if type(request_id) is int and 0 <= request_id <= MAX_ID else None
+        raise exc
     kind = fields.get("kind")
     if type(kind) is not str or kind not in SCHEMAS:
         raise WireError(f"unknown message kind {kind!r}; expected one of {', '.join(SCHEMAS)}", "bad_kind")

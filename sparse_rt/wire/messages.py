@@ -42,11 +42,32 @@ class Hello:
     resolution: int = 0  # resolution compression r at the cut; both sides must use the same
     grad_codec: str | None = None  # the gradients' codec, when not ``codec`` (sent only then)
     grad_lz4: bool | None = None  # lz4 on the gradients, when not ``lz4`` (sent only then)
+    resume: str | None = None  # a session this edge held (after a restart): go on with it if the server has it
 
 
 @dataclass
 class Welcome:
-    """Server -> edge: the session is open; later messages carry its id."""
+    """Server -> edge: the session is open; later messages carry its id.
+
+    It also states what the edge must match (the cut's channels and sent
+    size, the classes) and the server's limits, so a client needs no
+    out-of-band configuration to size its requests.
+    """
+
+    id: int
+    session: str
+    channels: int
+    sent_height: int
+    sent_width: int
+    classes: int
+    limits: dict[str, int | float]  # header.LIMITS
+    resumed: bool = False  # the hello's ``resume`` session, going on
+    next_step: int = 0  # the step number the server expects next: one past the last it applied
+
+
+@dataclass
+class Bye:
+    """Edge -> server, and its answer: the session is over; the server frees it and its stored reply now."""
 
     id: int
     session: str
@@ -104,9 +125,9 @@ class ErrorReply:
     message: str
 
 
-Message = Union[Hello, Welcome, Activations, Gradients, Predictions, ErrorReply]
+Message = Union[Hello, Welcome, Bye, Activations, Gradients, Predictions, ErrorReply]
 
-_FRAME_COUNTS = {"hello": 1, "welcome": 1, "error": 1, "train": 4, "infer": 3, "grad": 3, "pred": 2}
+_FRAME_COUNTS = {"hello": 1, "welcome": 1, "bye": 1, "error": 1, "train": 4, "infer": 3, "grad": 3, "pred": 2}
 
 
 def _label_dtype(labels: torch.Tensor) -> str:
@@ -142,7 +163,7 @@ def encode_message(msg: Message) -> list[Any]:
     if isinstance(msg, Predictions):
         header = encode_header({"kind": "pred", "id": msg.id, "session": msg.session, "shape": list(msg.logits.shape)})
         return [header, msg.logits.detach().numpy().astype(LOGITS_DTYPE)]
-    kind = {Hello: "hello", Welcome: "welcome", ErrorReply: "error"}[type(msg)]
+    kind = {Hello: "hello", Welcome: "welcome", Bye: "bye", ErrorReply: "error"}[type(msg)]
     return [encode_header({"kind": kind, **{k: v for k, v in vars(msg).items() if v is not None}})]
 
 
@@ -220,9 +241,13 @@ def _decode_body(fields: dict[str, Any], frames: Sequence[Any]) -> Message:
         return Predictions(rid, fields["session"], torch.from_numpy(logits))
     if kind == "hello":
         return Hello(rid, fields["pipeline"], fields["channels"], fields["budget"], fields["codec"], fields["lz4"],
-                     fields["mode"], fields["resolution"], fields.get("grad_codec"), fields.get("grad_lz4"))
+                     fields["mode"], fields["resolution"], fields.get("grad_codec"), fields.get("grad_lz4"),
+                     fields.get("resume"))
     if kind == "welcome":
-        return Welcome(rid, fields["session"])
+        return Welcome(rid, fields["session"], fields["channels"], fields["sent_height"], fields["sent_width"],
+                       fields["classes"], fields["limits"], fields["resumed"], fields["next_step"])
+    if kind == "bye":
+        return Bye(rid, fields["session"])
     return ErrorReply(rid, fields["code"], fields["message"])
 
 
