@@ -29,7 +29,6 @@ from sparse_rt.transport.connection import bind_router, connect_dealer, is_local
 from sparse_rt.transport.curve import curve_client, curve_server, generate_keys, load_key_pair, load_public_key
 from sparse_rt.wire.messages import Activations, ErrorReply, Gradients, Hello, Welcome, decode_message, encode_message
 
-DIGITS = {"pipeline": "digits_cnn", "seed": 0}
 KEYS = ("server", "alice", "bob", "viewer", "mallory")
 
 
@@ -60,22 +59,6 @@ def test_keys_generate_writes_a_pair_with_a_private_secret_and_never_overwrites(
 
 
 # -- real processes ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def start():
-    started: list[NodeProcess] = []
-
-    def launch(role: str, **options) -> NodeProcess:
-        node = NodeProcess(role, {**DIGITS, **options})
-        started.append(node)
-        return node
-
-    yield launch
-    for node in started:
-        if node.process.poll() is None:
-            node.process.kill()
-        node.finish(timeout=10)
 
 
 def _secure_server(start, keys: Path):

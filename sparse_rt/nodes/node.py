@@ -106,9 +106,11 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     chain = server_chain(model, optimizer, max_grad_norm=config.max_grad_norm or math.inf,
                          max_lr_scale=config.max_lr_scale)
     server = SplitServer(pipeline.name, chain, cut, pipeline.num_classes, connection,
-                         metrics=metrics, after_step=checkpoints.after_step, model_set=model_set, allow=allow,
+                         metrics=metrics, after_step=checkpoints.after_step,
+                         after_open=(lambda: checkpoints.now("with a new session")) if config.checkpoint_every else None,
+                         model_set=model_set, allow=allow,
                          reveal=allow is not None or is_local(config.bind), max_sessions=config.max_sessions,
-                         session_idle=config.session_idle)
+                         session_idle=config.session_idle, max_batch=config.max_batch)
     try:
         server.table.restore(sessions)  # with the tail they trained: their edges go on where the checkpoint was
     except (KeyError, TypeError, ValueError) as exc:
@@ -142,13 +144,14 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
              stats.inferences, stats.errors, stats.sessions_opened)
     return {"role": "server", "pipeline": pipeline.name, "address": endpoint, "steps_applied": stats.steps_applied,
             "inferences": stats.inferences, "errors": stats.errors, "sessions_opened": stats.sessions_opened,
-            "sessions_expired": stats.sessions_expired, "steps_in_expired_sessions": stats.steps_in_expired_sessions,
+            "sessions_expired": stats.sessions_expired, "sessions_closed": stats.sessions_closed,
+            "steps_in_ended_sessions": stats.steps_in_ended_sessions,
             "steps_total": steps_before + stats.steps_applied, "steps_rolled_back": stats.steps_rolled_back,
             "keys_refused": allow.refused if allow is not None else 0,
             "steps_refused": chain.optimizer.guard.refused if chain.optimizer and chain.optimizer.guard else 0,
             "checkpoint_saved": saved if config.checkpoint is not None else None,
             "checkpoint_failures": checkpoints.failures,
-            "steps_per_session": stats.steps_per_session, "bytes_in": connection.traffic.bytes_received,
+            "steps_per_session": stats.all_steps(), "bytes_in": connection.traffic.bytes_received,
             "bytes_out": connection.traffic.bytes_sent, "seconds": round(time.perf_counter() - started, 3)}
 
 
@@ -184,14 +187,18 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
                 position["epoch"] = epoch
                 checkpoints.after_step(step)
 
+            # Where the head's checkpoint left off, or further on if the resumed session says the tail got further.
             first_epoch = int(client.resumed.get("epochs_done", 0))
-            done_in_epoch = int(client.resumed.get("steps", 0)) - first_epoch * len(train_loader)
+            done_in_epoch = client.session.steps - first_epoch * len(train_loader)
+            if done_in_epoch >= len(train_loader):
+                first_epoch, done_in_epoch = first_epoch + done_in_epoch // len(train_loader), done_in_epoch % len(
+                    train_loader)
             plan = (deprune(parse_phases(config.phases, client.cut.channels), config.boost, config.boost_epochs)
                     if config.phases else fixed(client.budget, epochs))
             position["epoch"] = first_epoch
             try:
                 result = await train(client.session, train_loader, plan, samples_per_epoch=len(data.y_train),
-                                     first_epoch=first_epoch, skip_steps=min(max(done_in_epoch, 0), len(train_loader)),
+                                     first_epoch=first_epoch, skip_steps=max(done_in_epoch, 0),
                                      progress=False, stop=stop, after_step=checkpoint)
             except ServerUnreachable as exc:  # an outage: keep what was trained, say so, exit with its own code
                 log.error("%s; stopping, with the head saved", exc)

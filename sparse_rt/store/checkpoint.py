@@ -118,6 +118,11 @@ class Checkpointer:
         if self.path is not None and self.every and (self._behind or steps % self.every == 0):
             self._attempt(f"after step {steps}")
 
+    def now(self, why: str) -> None:
+        """Save at once (e.g. a new session: a restart must know it), when saving periodically at all."""
+        if self.path is not None and self.every:
+            self._attempt(why)
+
     def final(self) -> bool:
         """Save once more (a clean stop); False if that failed."""
         return self.path is None or self._attempt("at the end")

@@ -44,6 +44,9 @@ def frame_bytes(frames: Sequence[Any]) -> int:
 
 
 HEARTBEAT_SECONDS = 10.0  # ZMTP heartbeat interval on every socket of ours
+# An edge retries a vanished server after this long, doubling up to the most (libzmq's own backoff): quick
+# when the server is back at once, and a thousand edges do not hammer one that is down.
+RECONNECT_FIRST_SECONDS, RECONNECT_MOST_SECONDS = 0.1, 2.0
 
 # Configures a socket before it binds or connects (options such as CURVE keys must come first).
 SocketOption = Callable[[zmq.Socket], None]
@@ -64,6 +67,14 @@ def heartbeats(interval_s: float = HEARTBEAT_SECONDS) -> SocketOption:
         socket.setsockopt(zmq.HEARTBEAT_IVL, int(interval_s * 1000))
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(3 * interval_s * 1000))
         socket.setsockopt(zmq.HEARTBEAT_TTL, int(3 * interval_s * 1000))
+    return apply
+
+
+def reconnect_backoff(first_s: float = RECONNECT_FIRST_SECONDS, most_s: float = RECONNECT_MOST_SECONDS) -> SocketOption:
+    """Reconnect after ``first_s``, then twice as long after each failure, up to ``most_s``."""
+    def apply(socket: zmq.Socket) -> None:
+        socket.setsockopt(zmq.RECONNECT_IVL, int(first_s * 1000))
+        socket.setsockopt(zmq.RECONNECT_IVL_MAX, int(most_s * 1000))
     return apply
 
 
@@ -199,5 +210,5 @@ def connect_dealer(context: zmq.asyncio.Context, address: str, max_message_bytes
 
     Connecting is lazy in ZeroMQ: a missing server shows up as a timeout.
     """
-    return _layered(open_socket(context, zmq.DEALER, "connect", address, _options(max_message_bytes, options)),
-                    shaper)
+    return _layered(open_socket(context, zmq.DEALER, "connect", address,
+                                [reconnect_backoff(), *_options(max_message_bytes, options)]), shaper)
