@@ -10,6 +10,7 @@ function that returns a :class:`~sparse_rt.bench.common.BenchReport`:
 - link: a constrained link (bandwidth, delay) vs the bound it allows
 - exchange: one split exchange (train, infer) vs raw pyzmq and the compute alone
 - restart: a server killed or stopped mid-training and resumed: how fast its edges go on, steps lost
+- fuzz: hostile messages at a live server (crashes, hangs, NaN, wrong replies, memory) and many sessions' memory
 """
 
-SUITES = ("transport", "codec", "e2e", "edges", "link", "exchange", "restart")
+SUITES = ("transport", "codec", "e2e", "edges", "link", "exchange", "restart", "fuzz")

@@ -14,6 +14,10 @@ ROUTER) and the same number of bytes per message:
   ``socket.send(copy=False)`` on a plain (blocking) pyzmq DEALER; the peer's
   plain ROUTER receives it and does nothing with it.
 
+With ``--curve`` a third variant, sparse-rt over CURVE-encrypted sockets
+(the same code, a server key pair and a client key pair), says what
+encryption costs on the same messages.
+
 Two measurements per size: streaming (a round of messages, one small ack
 at its end, so throughput and the per-message cost when sends overlap) and
 ping-pong (every message answered by a small ack, so the round-trip latency
@@ -38,6 +42,7 @@ import zmq.asyncio
 
 from sparse_rt.bench.common import BenchReport, bench_options, emit, pyplot, save_figure
 from sparse_rt.transport.connection import Connection, bind_router, connect_dealer, frame_bytes
+from sparse_rt.transport.curve import KeyPair, curve_client, curve_server
 from sparse_rt.wire.header import decode_header
 from sparse_rt.wire.messages import Activations, decode_message, encode_message
 
@@ -51,6 +56,7 @@ ACK = b"ok"
 ANSWER_TIMEOUT = 60.0  # seconds to wait for the peer before calling it dead
 TARGET_RATIO = 0.8  # ratio_vs_raw wanted for 1-16 MiB messages
 TARGET_OVERHEAD_US = 100.0  # per small message
+CURVE_COLUMNS = ("curve_MB_s", "curve_vs_plain", "rtt_curve_us")
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20}
 
 
@@ -80,30 +86,34 @@ class SizeList(click.ParamType):
 class Phase:
     """What the peer serves next: ``count`` messages of one variant, an ack after every ``every``."""
 
-    variant: str  # "sparse_rt" or "raw"
+    variant: str  # "sparse_rt", "sparse_rt_curve" or "raw"
     count: int
     every: int
     answer: int = 0  # raw only: bytes of each reply (bench exchange's gradient or prediction); 0 = ACK
 
 
-def _peer(pipe) -> None:
+def _peer(pipe, curve: KeyPair | None = None) -> None:
     """The receiving process: one ROUTER per variant, rounds as the sender announces them on ``pipe``."""
-    asyncio.run(_serve(pipe))
+    asyncio.run(_serve(pipe, curve))
 
 
-async def _serve(pipe) -> None:
+async def _serve(pipe, curve: KeyPair | None) -> None:
     context, raw_context = zmq.asyncio.Context(), zmq.Context()
-    router = bind_router(context, "tcp://127.0.0.1:*")
+    routers = {"sparse_rt": bind_router(context, "tcp://127.0.0.1:*")}
+    if curve is not None:  # no ZAP handler: libzmq lets any client key in, as a benchmark wants
+        routers["sparse_rt_curve"] = bind_router(context, "tcp://127.0.0.1:*", options=[curve_server(curve)])
     raw = raw_context.socket(zmq.ROUTER)
     raw.setsockopt(zmq.LINGER, 0)
     port = raw.bind_to_random_port("tcp://127.0.0.1")
-    pipe.send((router.socket.getsockopt_string(zmq.LAST_ENDPOINT), f"tcp://127.0.0.1:{port}"))
+    pipe.send(({variant: router.socket.getsockopt_string(zmq.LAST_ENDPOINT) for variant, router in routers.items()},
+               f"tcp://127.0.0.1:{port}"))
     try:
         # Nothing else runs on this loop, so blocking on the pipe or on the raw socket stalls nobody.
         while (phase := pipe.recv()) is not None:
             cpu, answer = time.process_time(), bytes(phase.answer) if phase.answer else ACK
             for i in range(1, phase.count + 1):
-                if phase.variant == "sparse_rt":
+                if phase.variant != "raw":
+                    router = routers[phase.variant]
                     route, frames = await router.recv()
                     decode_message(frames, decode_header(frames[0].bytes))  # as the server: header parsed once
                     if i % phase.every == 0:
@@ -114,7 +124,8 @@ async def _serve(pipe) -> None:
                         raw.send_multipart([route, answer], copy=False)
             pipe.send(time.process_time() - cpu)  # this process's CPU seconds, I/O thread included
     finally:
-        router.close()
+        for router in routers.values():
+            router.close()
         raw.close(linger=0)
         context.term()
         raw_context.term()
@@ -153,16 +164,21 @@ class Bench:
     timing one variant's rounds back to back with ``median_time``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, curve: bool = False) -> None:
         spawn = multiprocessing.get_context("spawn")
         self.pipe, child = spawn.Pipe()
-        self.peer = spawn.Process(target=_peer, args=(child,), daemon=True, name="bench-transport-peer")
+        server_keys = KeyPair(*zmq.curve_keypair()) if curve else None
+        self.peer = spawn.Process(target=_peer, args=(child, server_keys), daemon=True, name="bench-transport-peer")
         self.peer.start()
         child.close()
-        sparse_address, raw_address = self._from_peer("start")
+        addresses, raw_address = self._from_peer("start")
         self.loop = asyncio.new_event_loop()
         self.context, self.raw_context = zmq.asyncio.Context(), zmq.Context()
-        self.dealer: Connection = connect_dealer(self.context, sparse_address)
+        self.dealers: dict[str, Connection] = {"sparse_rt": connect_dealer(self.context, addresses["sparse_rt"])}
+        if server_keys is not None:
+            client = curve_client(KeyPair(*zmq.curve_keypair()), server_keys.public)
+            self.dealers["sparse_rt_curve"] = connect_dealer(self.context, addresses["sparse_rt_curve"],
+                                                             options=[client])
         self.raw = self.raw_context.socket(zmq.DEALER)
         self.raw.setsockopt(zmq.LINGER, 0)
         self.raw.setsockopt(zmq.RCVTIMEO, int(ANSWER_TIMEOUT * 1000))
@@ -174,13 +190,14 @@ class Bench:
 
         sparse-rt encodes ``message`` for every send; raw sends ``payload``, the same bytes, as one frame.
         """
-        runs: dict[str, Callable[[], Any]] = {
-            "sparse_rt": lambda: self.loop.run_until_complete(self._sparse_round(message, count, every)),
-            "raw": lambda: self._raw_round(payload, count, every)}
+        runs: dict[str, Callable[[], Any]] = {"raw": lambda: self._raw_round(payload, count, every)}
+        for variant, dealer in self.dealers.items():
+            runs[variant] = lambda dealer=dealer: self.loop.run_until_complete(
+                self._sparse_round(dealer, message, count, every))
         seconds: dict[str, list[float]] = {variant: [] for variant in runs}
         cpu = dict.fromkeys(runs, 0.0)
         for number in range(warmup + repeats):
-            for variant in sorted(runs, reverse=number % 2 == 0):  # "sparse_rt" first in even rounds
+            for variant in sorted(runs, reverse=number % 2 == 0):  # raw first in odd rounds, last in even ones
                 self.pipe.send(Phase(variant, count, every))
                 started, cpu_started = time.perf_counter(), time.process_time()
                 runs[variant]()
@@ -208,12 +225,12 @@ class Bench:
                                f"(exit code {self.peer.exitcode})")
         return self.pipe.recv()
 
-    async def _sparse_round(self, message: Activations, count: int, every: int) -> None:
+    async def _sparse_round(self, dealer: Connection, message: Activations, count: int, every: int) -> None:
         for i in range(1, count + 1):
-            await self.dealer.send(encode_message(message))
+            await dealer.send(encode_message(message))
             if i % every == 0:
                 try:
-                    await asyncio.wait_for(self.dealer.recv(), ANSWER_TIMEOUT)
+                    await asyncio.wait_for(dealer.recv(), ANSWER_TIMEOUT)
                 except asyncio.TimeoutError:
                     raise RuntimeError(f"the transport peer did not answer within {ANSWER_TIMEOUT:.0f} s "
                                        f"(exit code {self.peer.exitcode})") from None
@@ -236,7 +253,8 @@ class Bench:
             self.peer.kill()
             self.peer.join()
         self.pipe.close()
-        self.dealer.close()
+        for dealer in self.dealers.values():
+            dealer.close()
         self.raw.close(linger=0)
         self.context.term()
         self.raw_context.term()
@@ -250,12 +268,13 @@ def _label(size: int) -> str:
     return f"{size} B"
 
 
-def run_transport(sizes: list[int], repeats: int, warmup: int, max_messages: int = MAX_MESSAGES) -> BenchReport:
-    """Measure both variants at every size, streaming and ping-pong, between one pair of processes."""
+def run_transport(sizes: list[int], repeats: int, warmup: int, max_messages: int = MAX_MESSAGES,
+                  curve: bool = False) -> BenchReport:
+    """Measure every variant at every size, streaming and ping-pong, between one pair of processes."""
     report = BenchReport("transport", columns=(
         "size", "sparse_rt_MB_s", "raw_MB_s", "ratio_vs_raw", "sparse_rt_msg_s", "raw_msg_s", "overhead_us",
-        "rtt_sparse_rt_us", "rtt_raw_us", "rtt_overhead_us"))
-    bench = Bench()
+        "rtt_sparse_rt_us", "rtt_raw_us", "rtt_overhead_us") + (CURVE_COLUMNS if curve else ()))
+    bench = Bench(curve)
     try:
         for size in sizes:
             message = message_for(size)
@@ -274,9 +293,16 @@ def run_transport(sizes: list[int], repeats: int, warmup: int, max_messages: int
                 "rtt_sparse_rt_us": pings["sparse_rt"].seconds * 1e6, "rtt_raw_us": pings["raw"].seconds * 1e6,
                 "rtt_overhead_us": (pings["sparse_rt"].seconds - pings["raw"].seconds) * 1e6,
                 "sparse_rt_cpu_us": streaming["sparse_rt"].cpu * 1e6, "raw_cpu_us": streaming["raw"].cpu * 1e6})
+            if curve:
+                encrypted = streaming["sparse_rt_curve"].seconds
+                report.rows[-1].update({
+                    "curve_MB_s": wire / encrypted / 1e6, "curve_vs_plain": sparse / encrypted,
+                    "rtt_curve_us": pings["sparse_rt_curve"].seconds * 1e6,
+                    "curve_cpu_us": streaming["sparse_rt_curve"].cpu * 1e6})
     finally:
         bench.close()
     report.settings = {"sizes": sizes, "repeats": repeats, "warmup": warmup, "max_messages": max_messages,
+                       "curve": curve,
                        "address": "tcp://127.0.0.1 (random ports)",
                        "sockets": "DEALER -> ROUTER", "peer": "one process (multiprocessing spawn) for both variants",
                        "message": "infer Activations, fp32, no lz4; values (N, 16, 4, 4) when size divides by 1 KiB",
@@ -292,6 +318,9 @@ def run_transport(sizes: list[int], repeats: int, warmup: int, max_messages: int
         "JSON rows also hold sparse_rt_cpu_us / raw_cpu_us: CPU seconds per streamed message in both processes "
         "(I/O threads included), which a busy machine distorts less than wall time",
         *_verdicts(report.rows)]
+    if curve:
+        report.notes.append("curve_*: the same sparse-rt code over CURVE sockets (encrypted and authenticated, "
+                            "no ZAP handler); curve_vs_plain = its throughput / sparse-rt's without CURVE")
     return report
 
 
@@ -346,11 +375,13 @@ def plot(report: BenchReport, path: Path) -> None:
 @click.option("--max-messages", type=click.IntRange(min=1), default=MAX_MESSAGES, show_default=True,
               help="Most messages per streaming round (a tenth per ping-pong round); rounds carry 64 MiB "
                    "(16 MiB ping-pong) up to this.")
-def command(as_json: bool, out: Path | None, repeats: int, warmup: int, sizes: list[int], max_messages: int) -> None:
+@click.option("--curve", is_flag=True, help="Also sparse-rt over CURVE (encrypted) sockets: what encryption costs.")
+def command(as_json: bool, out: Path | None, repeats: int, warmup: int, sizes: list[int], max_messages: int,
+            curve: bool) -> None:
     """sparse-rt's messages vs plain pyzmq between the same two processes.
 
     Per size: throughput of each (MB/s, messages/s), ratio_vs_raw, and the
     per-message overhead in microseconds, streaming and as round-trip latency.
     Targets: ratio_vs_raw >= 0.8 for 1-16 MiB; overhead <= 100 us for 4 KiB.
     """
-    emit(run_transport(sizes, repeats, warmup, max_messages), as_json, out, plot)
+    emit(run_transport(sizes, repeats, warmup, max_messages, curve), as_json, out, plot)

@@ -30,6 +30,7 @@ from sparse_rt.metrics import MetricsLog, StageTimer
 from sparse_rt.model.sides import CutShape
 from sparse_rt.server.sessions import (DEFAULT_MAX_BATCH, MAX_SESSIONS, SESSION_IDLE_SECONDS, ServedCut,
                                        ServerStats, Session, SessionTable)
+from sparse_rt.server import memory
 from sparse_rt.server.trust import TRAIN, AllowList
 from sparse_rt.stages.base import Cut, StepContext
 from sparse_rt.stages.chain import ServerChain
@@ -49,6 +50,10 @@ MAX_ERROR_TEXT = 2048
 # itself: a handshake arriving meanwhile waits at most about this long. Others go to the worker
 # thread, so a long step never holds up the reader.
 INLINE_STEP_MS = 5.0
+
+# What the worker accepts from an edge (hellos are answered by the handshake); the kinds a server sends are
+# refused as such, whatever their frames hold.
+ACCEPTED_KINDS = frozenset({"train", "infer", "bye"})
 
 
 def error_frames(request_id: int | None, code: str, text: str, version: int | None = None) -> list[Any]:
@@ -152,10 +157,14 @@ class SplitServer:
             self._reader.cancel()
 
     async def _expire(self) -> None:
-        """End idle sessions now and then (a dead edge's session, and its stored reply, must not stay forever)."""
+        """End idle sessions now and then (a dead edge's session, and its stored reply, must not stay forever),
+        and give what ended sessions freed back to the system."""
+        closed = self.stats.sessions_closed
         while True:
             await asyncio.sleep(min(self.table.idle_seconds / 4, 30.0))
-            self.table.expire()
+            if self.table.expire() or self.stats.sessions_closed != closed:
+                closed = self.stats.sessions_closed
+                memory.give_back()
 
     async def _read(self) -> None:
         while True:
@@ -263,14 +272,15 @@ class SplitServer:
         """Decode, check against the session, run the chain, encode."""
         request_id = None
         try:
+            if header["kind"] not in ACCEPTED_KINDS:  # refused before its body is read: the body is not ours to judge
+                raise WireError(f"a server does not accept '{header['kind']}' messages", "bad_kind", header["id"])
             with timer.stage("decode"):
                 message = decode_message(frames, header)
             request_id = message.id
             if isinstance(message, Bye):  # with the steps, in order: a bye after a step ends the session after it
                 self.table.close(self._owner(route, frames), message.session)
                 return Answer("bye", request_id, encode_message(Bye(request_id, message.session)))
-            if not isinstance(message, Activations):
-                raise WireError(f"a server does not accept '{type(message).__name__}' messages", "bad_kind")
+            assert isinstance(message, Activations)
             with timer.stage("tail"):
                 reply, computed = self._apply(self._owner(route, frames), message, timer)
             with timer.stage("encode"):
