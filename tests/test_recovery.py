@@ -8,6 +8,15 @@ import time
 import pytest
 
 from sparse_rt.nodes.launch import NodeProcess
+from sparse_rt.store.checkpoint import read_checkpoint
+
+
+def _both_sessions_saved(checkpoint) -> bool:
+    """The server's checkpoint holds both edges' sessions and some applied steps (it is replaced atomically)."""
+    if not checkpoint.exists():
+        return False
+    meta = read_checkpoint(checkpoint).meta
+    return len(meta.get("sessions", [])) == 2 and meta.get("steps", 0) >= 10
 
 
 
@@ -18,7 +27,7 @@ def test_edges_go_on_by_themselves_when_the_server_restarts_mid_training(start, 
     address = first.wait_ready()
     edges = [start("edge", connect=address, shard=f"{k}/2", epochs=6, budget=8, json=True) for k in (1, 2)]
     deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline:  # some steps applied and saved
+    while not _both_sessions_saved(checkpoint) and time.monotonic() < deadline:  # both edges in, steps saved
         time.sleep(0.05)
     time.sleep(0.5)  # and some more after that save
     assert checkpoint.exists() and all(edge.process.poll() is None for edge in edges)
@@ -80,7 +89,6 @@ import re  # noqa: E402  (this section's own needs; the tests above are left as 
 from pathlib import Path  # noqa: E402
 
 from sparse_rt.nodes.node import EXIT_SERVER_LOST  # noqa: E402
-from sparse_rt.store.checkpoint import read_checkpoint  # noqa: E402
 
 
 def _frozen(node: NodeProcess) -> bool:
@@ -132,7 +140,7 @@ def test_edges_resend_to_a_frozen_server_and_go_on_when_it_continues(start, tmp_
     edges = [start("edge", connect=address, shard=f"{k}/2", epochs=10, budget=8, json=True, timeout=1, retries=8,
                    metrics=metrics[k - 1]) for k in (1, 2)]
     deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline:  # some steps applied and saved
+    while not _both_sessions_saved(checkpoint) and time.monotonic() < deadline:  # both edges in, steps saved
         time.sleep(0.05)
     _wait_training(edges, metrics)
     stopped_at = _freeze(server)

@@ -2,7 +2,7 @@
 
 Two edge processes train digits_cnn (6 epochs, half the data each) against a
 `sparse-rt node --role server` that checkpoints every 10 steps. Once its
-first checkpoint is written, the server is killed with SIGKILL (``kill``) or
+checkpoint holds both sessions and some steps, the server is killed with SIGKILL (``kill``) or
 stopped with SIGTERM (``term``) and a new one is started on the same address
 with ``--resume``. Reported per way (medians over the repeats):
 
@@ -27,6 +27,7 @@ import click
 
 from sparse_rt.bench.common import BenchReport, bench_options, emit, pyplot, save_figure
 from sparse_rt.nodes.launch import NodeProcess
+from sparse_rt.store.checkpoint import read_checkpoint
 
 WAYS = ("kill", "term")
 COLUMNS = ("way", "server_back_s", "edge_resend_ms", "edge_steps", "tail_steps", "rolled_back", "min_accuracy",
@@ -39,8 +40,16 @@ def _stamp(line: str) -> float:
     return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
+def _saved_with(checkpoint: Path, sessions: int) -> bool:
+    """The server's checkpoint (replaced atomically) holds every edge's session and some applied steps."""
+    if not checkpoint.exists():
+        return False
+    meta = read_checkpoint(checkpoint).meta
+    return len(meta.get("sessions", [])) == sessions and meta.get("steps", 0) > 0
+
+
 def one_restart(way: str, folder: Path) -> dict[str, Any]:
-    """One run: two edges, the server signalled after its first checkpoint, a new one resuming."""
+    """One run: two edges, the server signalled once its checkpoint holds both, a new one resuming."""
     base, checkpoint = {"pipeline": "digits_cnn", "seed": 0}, folder / "tail.pt"
     first = NodeProcess("server", {**base, "bind": "tcp://127.0.0.1:*", "checkpoint": checkpoint,
                                    "checkpoint_every": 10})
@@ -51,7 +60,7 @@ def one_restart(way: str, folder: Path) -> dict[str, Any]:
                                       "json": True}) for k in (1, 2)]
         nodes += edges
         deadline = time.monotonic() + TIMEOUT
-        while not checkpoint.exists() and time.monotonic() < deadline:
+        while not _saved_with(checkpoint, len(edges)) and time.monotonic() < deadline:
             time.sleep(0.02)
         signalled = time.time()
         first.process.send_signal(signal.SIGKILL if way == "kill" else signal.SIGTERM)
