@@ -57,7 +57,8 @@ def test_edges_go_on_by_themselves_when_the_server_restarts_mid_training(start, 
     assert back_at - killed_at < 60
 
 
-def test_an_edge_killed_mid_epoch_resumes_where_its_checkpoint_was(start, tmp_path):
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_an_edge_killed_mid_epoch_resumes_where_its_checkpoint_was(start, tmp_path, how):
     server = start("server", bind="tcp://127.0.0.1:*", json=True)
     address = server.wait_ready()
     head = tmp_path / "head.pt"
@@ -67,8 +68,12 @@ def test_an_edge_killed_mid_epoch_resumes_where_its_checkpoint_was(start, tmp_pa
     while not head.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)
-    edge.process.kill()
-    edge.finish(timeout=30)
+    if how == "kill":
+        edge.process.kill()
+        edge.finish(timeout=30)
+    else:  # a clean stop mid-epoch: the head is saved where it stopped, the session kept for the restart
+        edge.process.send_signal(signal.SIGTERM)
+        assert edge.finish(timeout=60)[0] == 130
     again = start("edge", resume=True, **options)
     result = again.result(timeout=300)
     steps_per_epoch = -(-result["train_samples"] // 64)

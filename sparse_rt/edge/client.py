@@ -103,6 +103,8 @@ class EdgeClient:
         self._resume_session = str(meta["session"]) if resuming and meta.get("session") else None
         self._context: zmq.asyncio.Context | None = None
         self.session: EdgeSession | None = None
+        # Whether close() ends the session on the server (bye); False keeps it for a restart that resumes it.
+        self.end_session = True
 
     @property
     def budget(self) -> int:
@@ -197,7 +199,8 @@ class EdgeClient:
 
     async def close(self) -> None:
         if self.session is not None:
-            await self.session.end()
+            if self.end_session:
+                await self.session.end()
             await self.session.link.close()
             self.session.close()
             self.session.metrics.close()

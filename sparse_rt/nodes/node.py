@@ -205,6 +205,7 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
                 lost = True
                 result = TrainingResult(math.nan, position["epoch"], True)
             position["epoch"] = result.epochs_done
+            client.end_session = not result.stopped  # a stopped edge may be resumed: its session stays
             saved = checkpoints.final()
             if config.checkpoint is not None and saved:
                 log.info("saved the head to %s", config.checkpoint)
