@@ -30,6 +30,15 @@ def test_transport_reports_both_variants_per_size(capsys, tmp_path):
     assert (tmp_path / "transport.png").stat().st_size > 0
 
 
+def test_transport_with_curve_measures_the_encrypted_variant_too(capsys):
+    code, out, err = run_bench(capsys, "transport", "--sizes", "64K", "--repeats", "1", "--warmup", "0",
+                               "--max-messages", "40", "--curve", "--json")
+    assert code == 0, err
+    row = json.loads(out)["rows"][0]
+    assert row["curve_MB_s"] > 0 and row["rtt_curve_us"] > 0
+    assert row["curve_vs_plain"] == pytest.approx(row["curve_MB_s"] / row["sparse_rt_MB_s"])
+
+
 @pytest.mark.parametrize("sizes, says", [("0", "multiple of 4 bytes"), ("4Q", "not a size"), ("4K,,1M", "not a size"),
                                          ("6", "multiple of 4 bytes")])
 def test_bad_sizes_give_one_line_and_exit_code_2(capsys, sizes, says):
