@@ -60,9 +60,8 @@ from sparse_rt.model.sides import build_sides
 from sparse_rt.nodes.launch import NodeProcess
 from sparse_rt.pipeline import get_pipeline
 from sparse_rt.server.sessions import MAX_SESSIONS_PER_PEER
-from sparse_rt.wire import messages as wire_messages
 from sparse_rt.wire.header import MAX_ID, PROTOCOL_VERSION
-from sparse_rt.wire.messages import (Activations, ErrorReply, Gradients, Hello, Predictions,
+from sparse_rt.wire.messages import (Activations, Bye, ErrorReply, Gradients, Hello, Predictions,
                                      encode_message)
 
 PIPELINE = "digits_cnn"
@@ -188,7 +187,6 @@ class Fuzzer:
         self.trainer = self._peer()
         self.infer_sessions: list[tuple[str, str, bool]] = []
         self.per_peer = MAX_SESSIONS_PER_PEER
-        self.bye = getattr(wire_messages, "Bye", None)
         self.hello_fields = {f.name for f in dataclasses.fields(Hello)}
 
     # -- setup --
@@ -326,12 +324,12 @@ class Fuzzer:
             session = self.rng.choice(sorted(self.train_ids))
         else:
             session = "%016x" % self.rng.getrandbits(64)
-        return self.main, encode_message(self.bye(rid, session))
+        return self.main, encode_message(Bye(rid, session))
 
     def templates(self) -> list[Callable[[int], tuple[Peer, list[Any]]]]:
         chosen = [self._infer] * 6 + [self._train] * 4 + [self._train_in_infer_session, self._fuzzed_hello,
                                                           self._server_kinds]
-        return chosen + ([self._bye_template] if self.bye is not None else [])
+        return chosen + [self._bye_template]
 
     # -- sending and receiving --
 
