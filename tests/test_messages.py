@@ -141,3 +141,51 @@ def test_mutated_valid_messages_decode_or_raise_wire_error(data):
         decode_message(frames)
     except WireError:
         pass
+
+
+# ---- optional additions within v2: timing / server_ms, codecs -------------------------------------------
+
+def test_timing_codecs_and_server_ms_round_trip_and_are_sent_only_when_used():
+    hello = Hello(1, "digits_cnn", 32, 4, "fp32", False, "infer", timing=True, codecs=("fp16", "int8+lz4"))
+    header = _header(_frames(hello))
+    assert header["timing"] is True and header["codecs"] == ["fp16", "int8+lz4"]
+    assert decode_message(_frames(hello)) == hello
+    plain = _header(_frames(Hello(1, "digits_cnn", 32, 4, "fp32", False, "infer", timing=False)))
+    assert "timing" not in plain and "codecs" not in plain  # an older v2 server sees the hello it always saw
+    assert decode_message(_frames(Hello(1, "digits_cnn", 32, 4, "fp32", False, "infer"))).timing is None
+
+    grad = Gradients(2, "s", 4, "fp32", False, torch.tensor([0, 2]), torch.randn(3, 2, 4, 4), 0.25, server_ms=1.5)
+    assert _header(_frames(grad))["server_ms"] == 1.5 and decode_message(_frames(grad)).server_ms == 1.5
+    pred = Predictions(1, "s", torch.randn(5, 10), server_ms=0)
+    assert _header(_frames(pred))["server_ms"] == 0.0 and decode_message(_frames(pred)).server_ms == 0.0
+    for untimed in (Predictions(1, "s", torch.randn(5, 10)),
+                    Gradients(2, "s", 4, "fp32", False, torch.tensor([0]), torch.randn(1, 1, 4, 4), 0.5)):
+        assert "server_ms" not in _header(_frames(untimed)) and decode_message(_frames(untimed)).server_ms is None
+
+
+HELLO = _frames(Hello(1, "digits_cnn", 32, 4, "fp32", False, "infer"))
+GRAD = _frames(Gradients(2, "s", 4, "fp32", False, torch.tensor([0, 2]), torch.randn(3, 2, 4, 4), 0.25))
+PRED = _frames(Predictions(3, "s", torch.randn(2, 10)))
+
+
+@pytest.mark.parametrize("frames", [
+    _replace_header(GRAD, server_ms=-1), _replace_header(GRAD, server_ms="NaN"), _replace_header(GRAD, server_ms=True),
+    _replace_header(PRED, server_ms=-0.5), _replace_header(PRED, server_ms="1"), _replace_header(PRED, server_ms=None),
+    [PRED[0][:-1] + b',"server_ms":NaN}', PRED[1]], [PRED[0][:-1] + b',"server_ms":Infinity}', PRED[1]],
+    _replace_header(HELLO, timing=1), _replace_header(HELLO, timing="true"),
+    _replace_header(HELLO, codecs=[]), _replace_header(HELLO, codecs="fp16"),
+    _replace_header(HELLO, codecs=["fp16", "fp16"]),
+    _replace_header(HELLO, codecs=[""]), _replace_header(HELLO, codecs=["x" * 21]), _replace_header(HELLO, codecs=[16]),
+    _replace_header(HELLO, codecs=[["fp16"]]), _replace_header(HELLO, codecs=[f"c{i}" for i in range(9)]),
+    _replace_header(_frames(_activations()), server_ms=1.0),  # a request never carries it
+])
+def test_bad_timing_codecs_and_server_ms_are_refused(frames):
+    with pytest.raises(WireError) as info:
+        decode_message(frames)
+    assert info.value.code == "bad_header", str(info.value)
+
+
+def test_the_longest_codecs_list_is_accepted():
+    entries = ["fp32", "fp16", "int8", "fp32+lz4", "fp16+lz4", "int8+lz4", "x" * 16 + "+lz4", "y" * 20]
+    assert decode_message(_replace_header(HELLO, codecs=entries)).codecs == tuple(entries)
+    assert decode_message(_replace_header(GRAD, server_ms=12)).server_ms == 12.0

@@ -156,8 +156,23 @@ FIELD_CHECKS = {
 }
 
 
+def is_codec_list(value) -> bool:
+    """Section 3, list(8, 20): 1 to 8 distinct strings of 1 to 20 characters (section 4.1, `codecs`)."""
+    return (type(value) is list and 1 <= len(value) <= 8 and all(is_string(x, 20) for x in value)
+            and len(set(value)) == len(value))
+
+
+# Fields a kind may leave out (section 3: "marked optional"; sections 4.1 to 4.6).
+OPTIONAL_FIELD_CHECKS = {
+    "hello": {"grad_codec": lambda x: is_string(x, 16), "grad_lz4": lambda x: type(x) is bool,
+              "resume": lambda x: is_string(x, 64), "timing": lambda x: type(x) is bool, "codecs": is_codec_list},
+    "grad": {"server_ms": lambda x: is_number(x) and x >= 0},
+    "pred": {"server_ms": lambda x: is_number(x) and x >= 0},
+}
+
+
 def validate_header(header: dict) -> None:
-    """Section 3: v, kind, id, then exactly the fields of the kind with exact types."""
+    """Section 3: v, kind, id, then exactly the fields of the kind (and any of its optional ones) with exact types."""
     if not is_integer(header.get("v"), PROTOCOL_VERSION, PROTOCOL_VERSION):
         raise MalformedReply(f"bad v in {header}")
     kind = header.get("kind")
@@ -165,12 +180,13 @@ def validate_header(header: dict) -> None:
         raise MalformedReply(f"bad kind in {header}")
     if not is_integer(header.get("id"), 0, MAX_ID):
         raise MalformedReply(f"bad id in {header}")
-    checks = FIELD_CHECKS[kind]
+    checks, optional = FIELD_CHECKS[kind], OPTIONAL_FIELD_CHECKS.get(kind, {})
     expected = {"v", "kind", "id", *checks}
-    if set(header) != expected:
-        raise MalformedReply(f"{kind} header fields {sorted(header)} != {sorted(expected)}")
-    for name, check in checks.items():
-        if not check(header[name]):
+    if set(header) - set(optional) != expected:
+        raise MalformedReply(f"{kind} header fields {sorted(header)} != {sorted(expected)} (+ optional "
+                             f"{sorted(optional)})")
+    for name, check in {**checks, **optional}.items():
+        if name in header and not check(header[name]):
             raise MalformedReply(f"{kind} field {name}={header[name]!r} has the wrong type or range")
 
 
@@ -277,11 +293,17 @@ def smallest_label_dtype(labels: np.ndarray) -> str:
 # ---- section 4: messages -----------------------------------------------------------------------------
 
 def hello_frames(request_id: int, pipeline: str, channels: int, budget: int, codec: str, use_lz4: bool,
-                 mode: str, resolution: int, resume: str | None = None) -> list[bytes]:
+                 mode: str, resolution: int, resume: str | None = None, timing: bool = False,
+                 codecs: list[str] | None = None) -> list[bytes]:
+    """The hello of section 4.1; optional fields are sent as given (a test may send malformed ones)."""
     header = {"v": PROTOCOL_VERSION, "kind": "hello", "id": request_id, "pipeline": pipeline, "channels": channels,
               "budget": budget, "codec": codec, "lz4": use_lz4, "mode": mode, "resolution": resolution}
     if resume is not None:                                  # section 4.1: optional
         header["resume"] = resume
+    if timing:                                              # section 4.1: sent only to ask for it
+        header["timing"] = True
+    if codecs is not None:                                  # section 4.1: inference sessions only
+        header["codecs"] = codecs
     return [encode_header(header)]
 
 
@@ -390,10 +412,11 @@ class ProtocolClient:
         return header, payload
 
     def welcome(self, pipeline: str, channels: int, budget: int, codec: str = "fp32", use_lz4: bool = False,
-                mode: str = "infer", resolution: int = 0, resume: str | None = None) -> dict:
+                mode: str = "infer", resolution: int = 0, resume: str | None = None, timing: bool = False,
+                codecs: list[str] | None = None) -> dict:
         """The whole welcome header (section 4.2)."""
         header, _ = self.exchange(hello_frames(self.next_id(), pipeline, channels, budget, codec, use_lz4, mode,
-                                               resolution, resume))
+                                               resolution, resume, timing, codecs))
         if header["kind"] != "welcome" or header["channels"] != channels:
             raise MalformedReply(f"hello answered with {header}")
         if not header["resumed"] and header["next_step"] != 0:
@@ -401,8 +424,9 @@ class ProtocolClient:
         return header
 
     def hello(self, pipeline: str, channels: int, budget: int, codec: str = "fp32", use_lz4: bool = False,
-              mode: str = "infer", resolution: int = 0) -> str:
-        return self.welcome(pipeline, channels, budget, codec, use_lz4, mode, resolution)["session"]
+              mode: str = "infer", resolution: int = 0, timing: bool = False, codecs: list[str] | None = None) -> str:
+        return self.welcome(pipeline, channels, budget, codec, use_lz4, mode, resolution, timing=timing,
+                            codecs=codecs)["session"]
 
     def bye(self, session: str) -> None:
         header, _ = self.exchange(bye_frames(self.next_id(), session))
@@ -410,11 +434,15 @@ class ProtocolClient:
             raise MalformedReply(f"bye answered with {header}")
 
     def infer(self, session: str, codec: str, use_lz4: bool, channels: int, indices, values) -> np.ndarray:
+        return self.infer_with_header(session, codec, use_lz4, channels, indices, values)[1]
+
+    def infer_with_header(self, session: str, codec: str, use_lz4: bool, channels: int, indices,
+                          values) -> tuple[dict, np.ndarray]:
         header, logits = self.exchange(infer_frames(self.next_id(), session, codec, use_lz4, channels, indices,
                                                     values))
         if header["kind"] != "pred" or header["session"] != session or header["shape"][0] != values.shape[0]:
             raise MalformedReply(f"infer answered with {header}")
-        return logits
+        return header, logits
 
     def train(self, session: str, codec: str, use_lz4: bool, channels: int, indices, values, labels,
               step: int) -> tuple[dict, np.ndarray, list[bytes]]:
@@ -791,6 +819,50 @@ def test_the_welcome_states_the_cut_and_a_session_resumes_by_id_then_ends_with_b
     assert fresh["session"] != session and not fresh["resumed"]
 
 
+def test_a_session_that_asks_for_timing_gets_server_ms_on_every_pred(client, reference):
+    """Sections 4.1 and 4.6: `timing: true` in the hello, `server_ms` (finite, >= 0) in each pred; none without."""
+    rng = np.random.default_rng(12)
+    timed = client.hello(PIPELINE, CHANNELS, budget=8, timing=True)
+    untimed = client.hello(PIPELINE, CHANNELS, budget=8)
+    for _ in range(3):
+        indices, values = _batch(rng, 4, 8)
+        started = time.perf_counter()
+        header, logits = client.infer_with_header(timed, "fp32", False, CHANNELS, indices, values)
+        round_trip_ms = (time.perf_counter() - started) * 1e3
+        assert is_number(header["server_ms"]) and 0 <= header["server_ms"] <= round_trip_ms, (header, round_trip_ms)
+        np.testing.assert_allclose(logits, reference(values, indices), atol=1e-4, rtol=1e-4)
+        header, _ = client.infer_with_header(untimed, "fp32", False, CHANNELS, indices, values)
+        assert "server_ms" not in header, header
+
+
+def test_an_inference_session_with_codecs_switches_codec_per_request(client, reference):
+    """Sections 4.1 and 6.2: `infer` may use the session's codec or any of its `codecs`; others are bad_codec."""
+    rng = np.random.default_rng(13)
+    session = client.hello(PIPELINE, CHANNELS, budget=8, codec="fp32", codecs=["fp16", "int8+lz4"])
+    indices, values = _batch(rng, 5, 6)
+    for codec, use_lz4 in (("fp32", False), ("fp16", False), ("int8", True), ("fp32", False)):
+        logits = client.infer(session, codec, use_lz4, CHANNELS, indices, values)   # pred: float32 logits always
+        np.testing.assert_allclose(logits, reference(dequantised(values, codec), indices), atol=1e-4, rtol=1e-4)
+    for codec, use_lz4 in (("int8", False), ("fp16", True), ("fp32", True)):
+        with pytest.raises(ProtocolError) as refused:
+            client.infer(session, codec, use_lz4, CHANNELS, indices, values)
+        assert refused.value.code == "bad_codec", refused.value
+    assert client.infer(session, "int8", True, CHANNELS, indices, values).shape == (5, CLASSES)  # still open
+
+    with pytest.raises(ProtocolError) as training:                  # a training session keeps one codec
+        client.hello(PIPELINE, CHANNELS, budget=8, mode="train", codecs=["fp16"])
+    assert training.value.code == "handshake_refused" and "codecs is for inference sessions" in training.value.message
+    with pytest.raises(ProtocolError) as unknown:                   # each entry must be a codec the server knows
+        client.hello(PIPELINE, CHANNELS, budget=8, codecs=["fp16", "bf16+lz4"])
+    assert unknown.value.code == "handshake_refused" and "bf16" in unknown.value.message
+    for bad in ([], ["fp16", "fp16"], ["x" * 21], [f"c{i}" for i in range(9)], "fp16"):   # not a list(8, 20)
+        client.socket.send_multipart(hello_frames(client.next_id(), PIPELINE, CHANNELS, 8, "fp32", False, "infer", 0,
+                                                  codecs=bad))
+        assert client.socket.poll(10000), f"no answer to a hello with codecs {bad!r}"
+        header, _ = decode_reply(client.socket.recv_multipart())
+        assert (header["kind"], header.get("code"), header["id"]) == ("error", "bad_header", 0), (bad, header)
+
+
 def test_a_version_1_client_reads_its_refusal_in_version_1(client):
     """Section 10: a v1 message is answered in v1's own format, to its id, naming the version spoken."""
     v1_hello = {"v": 1, "kind": "hello", "id": 41, "pipeline": PIPELINE, "channels": CHANNELS, "budget": 4,
@@ -1055,3 +1127,28 @@ def test_training_steps_are_applied_exactly_once(context):
         edge.close()
         summary = _stop_server(server) if server.process.poll() is None else None
     assert summary is not None and summary["steps_applied"] == 2, summary     # step 0 once, then step 5
+
+
+def test_a_training_session_that_asks_for_timing_gets_server_ms_on_every_grad(context):
+    """Sections 4.1, 4.5 and 6.3: `server_ms` on each grad of a timed session, a resent step's included."""
+    server, address = _start_server()
+    edge = ProtocolClient(context, address)
+    try:
+        rng = np.random.default_rng(14)
+        timed = edge.hello(PIPELINE, CHANNELS, budget=4, codec="fp16", mode="train", timing=True)
+        untimed = edge.hello(PIPELINE, CHANNELS, budget=4, codec="fp16", mode="train")
+        indices, values = _batch(rng, 4, 4)
+        labels = rng.integers(0, CLASSES, 4)
+        for step in (0, 0, 1):                                      # the second is a resend, from the stored reply
+            started = time.perf_counter()
+            header, gradient = edge.train(timed, "fp16", False, CHANNELS, indices, values, labels, step)
+            round_trip_ms = (time.perf_counter() - started) * 1e3
+            assert is_number(header["server_ms"]) and 0 <= header["server_ms"] <= round_trip_ms, header
+            assert np.isfinite(gradient).all()
+        header, _ = edge.train(untimed, "fp16", False, CHANNELS, indices, values, labels, 0)
+        assert "server_ms" not in header, header
+        assert "server_ms" in edge.infer_with_header(timed, "fp16", False, CHANNELS, indices, values)[0]
+    finally:
+        edge.close()
+        summary = _stop_server(server) if server.process.poll() is None else None
+    assert summary is not None and summary["steps_applied"] == 3, summary     # steps 0 and 1, and the other's 0

@@ -12,7 +12,7 @@ import zmq
 from sparse_rt.errors import WireError
 from sparse_rt.model.sides import CutShape
 from sparse_rt.server.sessions import ServedCut, SessionTable
-from sparse_rt.wire.messages import ErrorReply, Gradients, Hello
+from sparse_rt.wire.messages import Activations, ErrorReply, Gradients, Hello
 from tests.test_server_chain import ask, batch, open_session, serving
 
 CUT = CutShape(32, 4, 4, 4, 4)
@@ -87,3 +87,72 @@ async def test_an_edge_whose_session_expired_opens_a_new_one_and_goes_on(tmp_pat
             loss = await edge.train_step(x, y)  # refused as unknown, reopened, sent again: applied
             assert loss == loss and edge.session.session_id != first and edge.session.steps == 2
             assert server.stats.steps_per_session[edge.session.session_id] == 1
+
+
+def _infer(codec: str, lz4: bool, session: str, labels: torch.Tensor | None = None) -> Activations:
+    return Activations(5, session, codec, lz4, 32, torch.tensor([0, 3]), torch.randn(2, 2, 4, 4), labels)
+
+
+def test_an_inference_session_accepts_its_codec_and_its_hellos_codecs_and_nothing_else():
+    table = SessionTable(ServedCut("digits_cnn", CUT, 10, 0))
+    hello = Hello(1, "digits_cnn", 32, 4, "fp32", False, "infer", codecs=("fp16", "int8+lz4"))
+    session = table.open(b"peer", hello)
+    assert session.codecs == {("fp16", False), ("int8", True)} and (session.codec, session.lz4) == ("fp32", False)
+    for codec, lz4 in (("fp32", False), ("fp16", False), ("int8", True)):
+        assert table.session_for(b"peer", _infer(codec, lz4, session.id)) is session
+    for codec, lz4 in (("int8", False), ("fp16", True), ("fp32", True)):
+        with pytest.raises(WireError) as refused:
+            table.session_for(b"peer", _infer(codec, lz4, session.id))
+        assert refused.value.code == "bad_codec"
+        assert "accepts fp32, fp16, int8+lz4" in str(refused.value), str(refused.value)
+    plain = table.open(b"peer", _hello("infer"))  # no codecs: exactly the old check and text
+    with pytest.raises(WireError, match=r"session uses codec fp32 \(lz4 False\), message has fp16") as old:
+        table.session_for(b"peer", _infer("fp16", False, plain.id))
+    assert old.value.code == "bad_codec"
+
+
+@pytest.mark.parametrize("codecs, mode, reason", [
+    (("fp16",), "train", "codecs is for inference sessions; a training session keeps one codec"),
+    (("fp16", "bf16"), "infer", "unknown codec 'bf16' in codecs ('bf16')"),
+    (("fp16+lz4+lz4",), "infer", "unknown codec 'fp16+lz4' in codecs ('fp16+lz4+lz4')"),
+    (("+lz4",), "infer", "unknown codec '' in codecs"),
+])
+def test_a_hello_with_bad_codecs_is_refused_with_the_reason(codecs, mode, reason):
+    table = SessionTable(ServedCut("digits_cnn", CUT, 10, 0))
+    with pytest.raises(WireError) as refused:
+        table.open(b"peer", Hello(1, "digits_cnn", 32, 4, "fp32", False, mode, codecs=codecs))
+    assert refused.value.code == "handshake_refused" and reason in str(refused.value), str(refused.value)
+    assert not table.sessions
+
+
+def test_timing_and_codecs_are_settings_a_resumed_session_must_match():
+    table = SessionTable(ServedCut("digits_cnn", CUT, 10, 0))
+    hello = Hello(1, "digits_cnn", 32, 4, "fp32", False, "infer", timing=True, codecs=("fp16", "int8+lz4"))
+    session = table.open(b"peer", hello)
+    assert session.timing and not table.open(b"peer", _hello("infer")).timing
+    same = Hello(2, "digits_cnn", 32, 4, "fp32", False, "infer", resume=session.id, timing=True,
+                 codecs=("int8+lz4", "fp16"))  # the same set in another order
+    assert table.handshake(b"peer", same) == (session, True)
+    untimed = Hello(3, "digits_cnn", 32, 4, "fp32", False, "infer", resume=session.id, codecs=("fp16", "int8+lz4"))
+    fresh, resumed = table.handshake(b"peer", untimed)
+    assert not resumed and fresh.id != session.id and session.id not in table.sessions  # other settings: it ends
+    other = Hello(4, "digits_cnn", 32, 4, "fp32", False, "infer", resume=fresh.id, codecs=("fp16",))
+    assert table.handshake(b"peer", other)[1] is False
+
+
+def test_timing_and_codecs_survive_a_checkpoint_and_old_checkpoints_load():
+    table = SessionTable(ServedCut("digits_cnn", CUT, 10, 0))
+    timed = table.open(b"peer", Hello(1, "digits_cnn", 32, 4, "fp32", False, "train", timing=True))
+    switching = table.open(b"peer", Hello(2, "digits_cnn", 32, 4, "int8", True, "infer",
+                                          codecs=("fp32", "fp16+lz4")))
+    saved = table.snapshot()
+    restored = SessionTable(ServedCut("digits_cnn", CUT, 10, 0))
+    restored.restore(saved)
+    again = restored.sessions
+    assert again[timed.id].timing and not again[timed.id].codecs
+    assert again[switching.id].codecs == {("fp32", False), ("fp16", True)} and not again[switching.id].timing
+    assert restored.session_for(b"peer", _infer("fp16", True, switching.id)) is again[switching.id]
+    old = [{k: v for k, v in entry.items() if k not in ("timing", "codecs")} for entry in saved]
+    legacy = SessionTable(ServedCut("digits_cnn", CUT, 10, 0))
+    legacy.restore(old)  # a checkpoint written before timing and codecs
+    assert all(not s.timing and s.codecs == frozenset() for s in legacy.sessions.values())

@@ -55,6 +55,19 @@ INLINE_STEP_MS = 5.0
 # refused as such, whatever their frames hold.
 ACCEPTED_KINDS = frozenset({"train", "infer", "bye"})
 
+# The worker's stages of a train/infer message before its reply is encoded, back to back from the moment the
+# reader took it off the socket: their sum is the reply's server_ms.
+SERVER_STAGES = ("queue", "decode", "tail")
+
+
+def server_ms(timer: StageTimer) -> float:
+    """A reply's ``server_ms``: from reading its request off the socket until now (queue, decode, checks, chain).
+
+    The server's own stages of the message, one after another: a stage of one's own that times itself inside
+    the chain is already in "tail", so the timer's other entries are not added.
+    """
+    return max(0.0, sum(timer.ms.get(stage, 0.0) for stage in SERVER_STAGES))
+
 
 def error_frames(request_id: int | None, code: str, text: str, version: int | None = None) -> list[Any]:
     """An error reply whose header fits the limit even when escaping lengthens a peer's echoed text.
@@ -282,8 +295,10 @@ class SplitServer:
                 return Answer("bye", request_id, encode_message(Bye(request_id, message.session)))
             assert isinstance(message, Activations)
             with timer.stage("tail"):
-                reply, computed = self._apply(self._owner(route, frames), message, timer)
+                session, reply, computed = self._apply(self._owner(route, frames), message, timer)
             with timer.stage("encode"):
+                if session.timing:  # docs/PROTOCOL.md 4.5, 4.6 (a resent step's stored reply: this request's time)
+                    reply.server_ms = server_ms(timer)
                 return Answer("grad" if isinstance(reply, Gradients) else "pred", request_id, encode_message(reply),
                               computed)
         except WireError as exc:
@@ -296,8 +311,9 @@ class SplitServer:
             return Answer("error", request_id, error_frames(request_id, "internal",
                                                             f"server error: {type(exc).__name__}: {exc}"))
 
-    def _apply(self, owner: bytes, message: Activations, timer: StageTimer) -> tuple[Message, bool]:
-        """The reply, and whether the chain ran for it (False: a resent step answered from its stored reply)."""
+    def _apply(self, owner: bytes, message: Activations, timer: StageTimer) -> tuple[Session, Message, bool]:
+        """The session, the reply, and whether the chain ran for it (False: a resent step answered from its stored
+        reply)."""
         session = self.table.session_for(owner, message)
         ctx = StepContext(message.kind, message.labels, message.step, session.id, message.lr_scale, timer)
         cut = Cut(message.values, message.indices)
@@ -307,15 +323,15 @@ class SplitServer:
             logits = chain.forward(cut, ctx)
             if not bool(torch.isfinite(logits).all()):  # PROTOCOL.md 4.6: every pred is finite
                 raise WireError("the model's output for this request is not finite; nothing is sent", "bad_output")
-            return Predictions(message.id, session.id, logits), True
+            return session, Predictions(message.id, session.id, logits), True
         stored = self.table.replay(session, message)
         if stored is not None:
-            return stored, False
+            return session, stored, False
         grad = self.chain.forward(cut, ctx)
         reply = Gradients(message.id, session.id, message.step, session.grad_codec, session.grad_lz4,
                           message.indices, grad, ctx.meta["loss"])
         self.table.applied(session, message.step, reply)
-        return reply, True
+        return session, reply, True
 
 
 class Answer(NamedTuple):

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from sparse_rt.errors import WireError, printable
 from sparse_rt.model.sides import CutShape
 from sparse_rt.wire.codecs import codec_names, get_codec
+from sparse_rt.wire.header import LZ4_SUFFIX
 from sparse_rt.wire.messages import Activations, Hello
 
 log = logging.getLogger("sparse_rt.server")
@@ -26,6 +27,17 @@ MAX_SESSIONS = 1024  # open sessions at once, all peers together
 MAX_SESSIONS_PER_PEER = 64  # open sessions of one peer (key, or socket without CURVE)
 SESSION_IDLE_SECONDS = 600.0  # a session without a message for this long ends
 DEFAULT_MAX_BATCH = 1024  # samples a message may carry in any codec (it sizes the server's frame limit)
+
+
+def codec_entry(entry: str) -> tuple[str, bool]:
+    """A ``codecs`` entry of a hello as (codec, lz4): ``"int8+lz4"`` is int8 inside an lz4 frame."""
+    return (entry[: -len(LZ4_SUFFIX)], True) if entry.endswith(LZ4_SUFFIX) else (entry, False)
+
+
+def entry_name(encoding: tuple[str, bool]) -> str:
+    """(codec, lz4) as a ``codecs`` entry names it."""
+    codec, lz4 = encoding
+    return codec + LZ4_SUFFIX if lz4 else codec
 
 
 @dataclass
@@ -40,10 +52,19 @@ class Session:
     lz4: bool
     grad_codec: str = ""  # the gradients' encoding (the handshake's grad_codec, else codec)
     grad_lz4: bool = False
+    timing: bool = False  # the hello asked for timing: every pred and grad states server_ms
+    codecs: frozenset[tuple[str, bool]] = frozenset()  # (codec, lz4) its infer messages may use besides its own
     last_step: int = -1
     last_reply: Any = None  # the Gradients of last_step, answered again if that step is resent
     last_seen: float = field(default_factory=time.monotonic)  # for idle expiry
     restored: bool = False  # read from a checkpoint and not used since (its next step tells what was lost)
+
+    def accepted(self) -> str:
+        """The encodings its messages may use, for a refusal's text."""
+        own = (self.codec, self.lz4)
+        if not self.codecs:
+            return f"uses codec {self.codec} (lz4 {self.lz4})"
+        return "accepts " + ", ".join([entry_name(own), *sorted(map(entry_name, self.codecs - {own}))])
 
 
 @dataclass
@@ -116,8 +137,8 @@ class SessionTable:
         if resumed is not None and resumed.owner != owner:
             resumed = None
         if resumed is not None and self._check_hello(hello) is None and (hello.mode == "infer" or may_train):
-            if self._settings(hello) == (resumed.mode, resumed.budget, resumed.codec, resumed.lz4,
-                                         resumed.grad_codec, resumed.grad_lz4):
+            settings = self._settings(hello)
+            if settings == {name: getattr(resumed, name) for name in settings}:
                 resumed.last_seen = self.clock()
                 log.info("session %s resumed at step %d", resumed.id, resumed.last_step + 1)
                 return resumed, True
@@ -125,10 +146,13 @@ class SessionTable:
         return self.open(owner, hello, may_train), False
 
     @staticmethod
-    def _settings(hello: Hello) -> tuple[str, int, str, bool, str, bool]:
+    def _settings(hello: Hello) -> dict[str, Any]:
+        """The session's settings a hello asks for (a checked one): a resumed session must have all of them."""
         grad_codec = hello.codec if hello.grad_codec is None else hello.grad_codec
         grad_lz4 = hello.lz4 if hello.grad_lz4 is None else hello.grad_lz4
-        return hello.mode, hello.budget, hello.codec, hello.lz4, grad_codec, grad_lz4
+        return {"mode": hello.mode, "budget": hello.budget, "codec": hello.codec, "lz4": hello.lz4,
+                "grad_codec": grad_codec, "grad_lz4": grad_lz4, "timing": bool(hello.timing),
+                "codecs": frozenset(map(codec_entry, hello.codecs or ()))}
 
     def close(self, owner: bytes, session_id: str) -> Session:
         """End a session at its owner's word (a ``bye``), freeing it and its stored reply at once."""
@@ -156,7 +180,7 @@ class SessionTable:
                 log.warning("refused a handshake: %s", printable(problem))
                 problem = "handshake refused (the server's log says why)"
             raise WireError(problem, "handshake_refused", hello.id)
-        session = Session(secrets.token_hex(8), owner, *self._settings(hello), last_seen=self.clock())
+        session = Session(secrets.token_hex(8), owner, **self._settings(hello), last_seen=self.clock())
         self.sessions[session.id] = session
         self.stats.sessions_opened += 1
         log.info("session %s opened: %s, budget %d/%d, codec %s%s", session.id, hello.mode, hello.budget,
@@ -181,15 +205,18 @@ class SessionTable:
                     f"r={hello.resolution}")
         if hello.mode == "train" and not served.trains:
             return "this server serves inference only"
-        for codec, lz4 in ((hello.codec, hello.lz4), (hello.grad_codec, hello.grad_lz4)):
+        if hello.codecs is not None and hello.mode != "infer":
+            return "codecs is for inference sessions; a training session keeps one codec"
+        extra = [(*codec_entry(entry), f" in codecs ('{entry}')") for entry in hello.codecs or ()]
+        for codec, lz4, where in ((hello.codec, hello.lz4, ""), (hello.grad_codec, hello.grad_lz4, ""), *extra):
             if codec is None:
                 continue
             if codec not in codec_names():
-                return f"unknown codec '{codec}'; this server knows {', '.join(codec_names())}"
+                return f"unknown codec '{codec}'{where}; this server knows {', '.join(codec_names())}"
             try:
                 get_codec(codec, bool(hello.lz4 if lz4 is None else lz4))
             except ValueError as exc:  # e.g. lz4 around a codec of variable size
-                return str(exc)
+                return f"{exc}{where}"
         return None
 
     def session_for(self, owner: bytes, message: Activations) -> Session:
@@ -231,9 +258,10 @@ class SessionTable:
         if message.kind == "train" and session.mode != "train":
             raise WireError(f"session {session.id} was opened for inference only, got a training step",
                             "wrong_mode")
-        if (message.codec, message.lz4) != (session.codec, session.lz4):
-            raise WireError(f"session uses codec {session.codec} (lz4 {session.lz4}), message has "
-                            f"{message.codec} (lz4 {message.lz4})", "bad_codec")
+        encoding = (message.codec, message.lz4)
+        if encoding != (session.codec, session.lz4) and encoding not in session.codecs:
+            raise WireError(f"session {session.accepted()}, message has {message.codec} (lz4 {message.lz4})",
+                            "bad_codec")
         if served.budgets is not None and budget not in served.budgets:
             raise WireError(f"budget {budget} is not in this model set; it holds {served.held()}", "bad_budget")
         if message.channels != cut.channels or (served.budgets is None and budget > session.budget):
@@ -271,15 +299,19 @@ class SessionTable:
     def snapshot(self) -> list[dict[str, Any]]:
         """The open sessions as plain data, for the server's checkpoint (written with the tail it trained)."""
         return [{"id": s.id, "owner": s.owner.hex(), "mode": s.mode, "budget": s.budget, "codec": s.codec,
-                 "lz4": s.lz4, "grad_codec": s.grad_codec, "grad_lz4": s.grad_lz4, "last_step": s.last_step,
+                 "lz4": s.lz4, "grad_codec": s.grad_codec, "grad_lz4": s.grad_lz4, "timing": s.timing,
+                 "codecs": sorted(map(entry_name, s.codecs)), "last_step": s.last_step,
                  "steps": self.stats.steps_per_session.get(s.id, 0)} for s in self.sessions.values()]
 
     def restore(self, sessions: list[dict[str, Any]]) -> None:
         """Sessions from a checkpoint: their edges go on where the checkpoint left them (replies are not kept)."""
         for saved in sessions:
+            # timing and codecs are later than the rest: a checkpoint written before them has neither
             session = Session(saved["id"], bytes.fromhex(saved["owner"]), saved["mode"], saved["budget"],
                               saved["codec"], saved["lz4"], saved["grad_codec"], saved["grad_lz4"],
-                              saved["last_step"], last_seen=self.clock(), restored=True)
+                              timing=bool(saved.get("timing", False)),
+                              codecs=frozenset(map(codec_entry, saved.get("codecs", ()))),
+                              last_step=saved["last_step"], last_seen=self.clock(), restored=True)
             self.sessions[session.id] = session
             if saved["steps"]:
                 self.stats.steps_per_session[session.id] = saved["steps"]

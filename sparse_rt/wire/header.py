@@ -21,6 +21,8 @@ REFUSED_VERSIONS = (1,)
 MAX_HEADER_BYTES = 4096
 MAX_ID = 2**63 - 1
 MAX_CHANNELS = 65535  # channel indices travel as uint16
+MAX_EXTRA_CODECS = 8  # entries of a hello's codecs
+LZ4_SUFFIX = "+lz4"  # a codecs entry "int8+lz4": int8 inside an lz4 frame
 
 Check = Callable[[Any], bool]
 
@@ -37,6 +39,13 @@ def _one_of(*choices: Any) -> Check:
     return lambda v: type(v) in (str, bool) and v in choices
 
 
+def _str_list(max_items: int, max_len: int) -> Check:
+    """A JSON array of 1 to max_items distinct strings, each of 1 to max_len characters."""
+    item = _str(max_len)
+    return lambda v: (type(v) is list and 0 < len(v) <= max_items and all(item(s) for s in v)
+                      and len(set(v)) == len(v))
+
+
 def _shape(rank: int) -> Check:
     return lambda v: type(v) is list and len(v) == rank and all(type(d) is int and 0 <= d <= 2**31 for d in v)
 
@@ -44,6 +53,7 @@ def _shape(rank: int) -> Check:
 _is_bool: Check = lambda v: type(v) is bool
 _is_number: Check = lambda v: type(v) in (int, float) and v == v and abs(v) != float("inf")
 _is_positive: Check = lambda v: _is_number(v) and v > 0
+_is_nonnegative: Check = lambda v: _is_number(v) and v >= 0
 
 
 def _object(fields: dict[str, Check]) -> Check:
@@ -98,7 +108,13 @@ OPTIONAL: dict[str, dict[str, Check]] = {
     "train": {"lr_scale": _is_lr_scale},  # the tail's learning-rate multiplier for this step (default 1)
     # the gradients' encoding when it differs from the activations' (default: codec and lz4)
     "hello": {"grad_codec": _str(16), "grad_lz4": _is_bool,
-              "resume": _str(64)},  # a session this client held: resumed if the server still has it for this peer
+              "resume": _str(64),  # a session this client held: resumed if the server still has it for this peer
+              "timing": _is_bool,  # true: every pred and grad of the session states server_ms
+              # inference only: further encodings its infer messages may use ("int8", "fp16+lz4", ...)
+              "codecs": _str_list(MAX_EXTRA_CODECS, 16 + len(LZ4_SUFFIX))},
+    # ms from reading the request off the socket to encoding this reply; only to a session whose hello had timing
+    "pred": {"server_ms": _is_nonnegative},
+    "grad": {"server_ms": _is_nonnegative},
 }
 
 

@@ -43,6 +43,9 @@ class Hello:
     grad_codec: str | None = None  # the gradients' codec, when not ``codec`` (sent only then)
     grad_lz4: bool | None = None  # lz4 on the gradients, when not ``lz4`` (sent only then)
     resume: str | None = None  # a session this edge held (after a restart): go on with it if the server has it
+    timing: bool | None = None  # True: the session's pred and grad replies state server_ms (sent only when True)
+    # inference only: further encodings ("fp16", "int8+lz4") its infer messages may use besides codec/lz4
+    codecs: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -105,6 +108,7 @@ class Gradients:
     indices: torch.Tensor
     values: torch.Tensor
     loss: float
+    server_ms: float | None = None  # the server's time on the request (its session asked for timing), else None
 
 
 @dataclass
@@ -114,6 +118,7 @@ class Predictions:
     id: int
     session: str
     logits: torch.Tensor  # (N, K) float32
+    server_ms: float | None = None  # the server's time on the request (its session asked for timing), else None
 
 
 @dataclass
@@ -139,6 +144,11 @@ def _label_dtype(labels: torch.Tensor) -> str:
     return "int64"
 
 
+def _timing(msg: Gradients | Predictions) -> dict[str, Any]:
+    """``server_ms`` when the reply has it (its session asked for timing): left out otherwise, as before."""
+    return {} if msg.server_ms is None else {"server_ms": float(msg.server_ms)}
+
+
 def _tensor_fields(msg: Activations | Gradients) -> dict[str, Any]:
     return {"session": msg.session, "codec": msg.codec, "lz4": msg.lz4, "shape": list(msg.values.shape)}
 
@@ -158,13 +168,20 @@ def encode_message(msg: Message) -> list[Any]:
         return frames
     if isinstance(msg, Gradients):
         header = encode_header({"kind": "grad", "id": msg.id, **_tensor_fields(msg), "step": msg.step,
-                                "loss": float(msg.loss)})
+                                "loss": float(msg.loss), **_timing(msg)})
         return [header, msg.indices.numpy().astype(INDEX_DTYPE), get_codec(msg.codec, msg.lz4).encode(msg.values)]
     if isinstance(msg, Predictions):
-        header = encode_header({"kind": "pred", "id": msg.id, "session": msg.session, "shape": list(msg.logits.shape)})
+        header = encode_header({"kind": "pred", "id": msg.id, "session": msg.session, "shape": list(msg.logits.shape),
+                                **_timing(msg)})
         return [header, msg.logits.detach().numpy().astype(LOGITS_DTYPE)]
     kind = {Hello: "hello", Welcome: "welcome", Bye: "bye", ErrorReply: "error"}[type(msg)]
-    return [encode_header({"kind": kind, **{k: v for k, v in vars(msg).items() if v is not None}})]
+    fields = {k: v for k, v in vars(msg).items() if v is not None}
+    if isinstance(msg, Hello):
+        if not msg.timing:  # sent only when asked for: a server that predates it never sees it
+            fields.pop("timing", None)
+        if msg.codecs is not None:
+            fields["codecs"] = list(msg.codecs)
+    return [encode_header({"kind": kind, **fields})]
 
 
 def readdressed(frames: Sequence[Any], session: str, request_id: int) -> list[Any]:
@@ -214,6 +231,10 @@ def _values(fields: dict[str, Any], frame: Any) -> torch.Tensor:
     return codec.decode(frame, shape)
 
 
+def _server_ms(fields: dict[str, Any]) -> float | None:
+    return None if "server_ms" not in fields else float(fields["server_ms"])
+
+
 def _decode_body(fields: dict[str, Any], frames: Sequence[Any]) -> Message:
     kind, rid = fields["kind"], fields["id"]
     if "shape" in fields:
@@ -232,17 +253,18 @@ def _decode_body(fields: dict[str, Any], frames: Sequence[Any]) -> Message:
     if kind == "grad":
         indices = _indices(frames[1], fields["shape"][1], None)
         return Gradients(rid, fields["session"], fields["step"], fields["codec"], fields["lz4"], indices,
-                         _values(fields, frames[2]), float(fields["loss"]))
+                         _values(fields, frames[2]), float(fields["loss"]), _server_ms(fields))
     if kind == "pred":
         n, k = fields["shape"]
         logits = _array(frames[1], LOGITS_DTYPE, n * k, "logits").reshape(n, k)
         if not np.isfinite(logits).all():
             raise WireError("logits contain NaN or infinity", "bad_values")
-        return Predictions(rid, fields["session"], torch.from_numpy(logits))
+        return Predictions(rid, fields["session"], torch.from_numpy(logits), _server_ms(fields))
     if kind == "hello":
         return Hello(rid, fields["pipeline"], fields["channels"], fields["budget"], fields["codec"], fields["lz4"],
                      fields["mode"], fields["resolution"], fields.get("grad_codec"), fields.get("grad_lz4"),
-                     fields.get("resume"))
+                     fields.get("resume"), fields.get("timing"),
+                     None if "codecs" not in fields else tuple(fields["codecs"]))
     if kind == "welcome":
         return Welcome(rid, fields["session"], fields["channels"], fields["sent_height"], fields["sent_width"],
                        fields["classes"], fields["limits"], fields["resumed"], fields["next_step"])
