@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from sparse_rt.cli import main
 from sparse_rt.nodes.launch import NodeProcess
 
 DIGITS_NODE = {"pipeline": "digits_cnn", "seed": 0}
@@ -24,3 +25,25 @@ def start():
         if node.process.poll() is None:
             node.process.kill()
         node.finish(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def model_set(tmp_path_factory):
+    """A digits_cnn model set from `sparse-rt train prune` (budgets 32, 8 and 2), trained once per run."""
+    folder = tmp_path_factory.mktemp("set") / "digits"
+    with pytest.raises(SystemExit) as info:
+        main(["train", "prune", "digits_cnn", "--phases", "C:3,8:2,2:2", "--out", str(folder)])
+    assert info.value.code == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served_set(model_set):
+    """The address of a `sparse-rt node --role server` serving that model set."""
+    server = NodeProcess("server", {"pipeline": "digits_cnn", "bind": "tcp://127.0.0.1:*", "models": model_set,
+                                    "json": True})
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+        server.finish(timeout=30)

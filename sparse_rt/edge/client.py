@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import secrets
 import threading
+import time
 from pathlib import Path
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, Coroutine, Iterable, Sequence, TypeVar
@@ -25,15 +26,18 @@ from sparse_rt.model.sides import EdgeModel
 from sparse_rt.pipeline import Pipeline, TrainingSettings, get_pipeline
 from sparse_rt.assembly import edge_chain, edge_side
 from sparse_rt.store.checkpoint import read_checkpoint, save_checkpoint
+from sparse_rt.edge.controller import (PRECISION, Choice, DeadlineController, Decision, Policy,
+                                      options_from_manifest)
 from sparse_rt.edge.session import EdgeSession, SessionSettings
 from sparse_rt.metrics import MetricsLog
-from sparse_rt.store.modelset import load_model_set
+from sparse_rt.store.modelset import load_model_set, read_manifest
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.source import Batch
 from sparse_rt.transport.connection import SocketOption, Traffic, connect_dealer, sockopt
 from sparse_rt.transport.curve import curve_client, load_key_pair, load_public_key
 from sparse_rt.transport.events import ConnectionEvents
 from sparse_rt.transport.link import RequestLink
+from sparse_rt.transport.shaper import Shaper
 
 T = TypeVar("T")
 
@@ -61,7 +65,10 @@ class EdgeClient:
                  lr: float | None = None, timeout: float = 30.0, retries: int = 2,
                  metrics: Path | None = None, stages: Sequence[Any] = (), grad_codec: str | None = None,
                  offload: bool = True, socket_options: Sequence[SocketOption] = (),
-                 curve_key: str | Path | None = None, server_key: str | Path | None = None) -> None:
+                 curve_key: str | Path | None = None, server_key: str | Path | None = None,
+                 deadline_ms: float | None = None, max_bytes_per_s: float | None = None,
+                 policy: Policy | None = None, adapt_codecs: Sequence[str] = PRECISION,
+                 shaper: Shaper | None = None) -> None:
         self.pipeline = pipeline if isinstance(pipeline, Pipeline) else get_pipeline(pipeline)
         self.address = address
         self.mode = mode
@@ -85,9 +92,16 @@ class EdgeClient:
         self._optimizer = lambda params: build_optimizer(params, training.optimizer, training.lr,
                                                          training.weight_decay)
         self.chain = edge_chain(self.edge_model, self._optimizer, stages=self._stages, **self._codecs)
+        self._chains = {Choice(self.budget, codec, lz4): self.chain}  # one per choice made, built once
+        self.choice = Choice(self.budget, codec, lz4)
         self.optimizer = self.chain.optimizer.optimizer
         self.resumed = checkpoint.restore(self.chain.module, self.optimizer) if checkpoint is not None else {}
         self.settings = SessionSettings.of_chain(self.chain, self.pipeline.name, mode, resolution)
+        self.policy = self._policy(policy, deadline_ms, max_bytes_per_s, model_set, adapt_codecs, lz4)
+        if self.policy is not None:  # every encoding the policy may pick is agreed at the handshake
+            others = {o.choice.codec + ("+lz4" if o.choice.lz4 else "") for o in getattr(self.policy, "options", ())}
+            others.discard(codec + ("+lz4" if lz4 else ""))
+            self.settings = dataclasses.replace(self.settings, timing=True, codecs=tuple(sorted(others)) or None)
         self._timeout, self._retries, self._metrics_path, self._offload = timeout, retries, metrics, offload
         self._socket_options = tuple(socket_options)  # applied before connecting
         if (curve_key is None) != (server_key is None):
@@ -95,6 +109,7 @@ class EdgeClient:
         if curve_key is not None and server_key is not None:
             self._socket_options += (curve_client(load_key_pair(Path(curve_key)), load_public_key(Path(server_key))),)
         self.curve = curve_key is not None
+        self.shaper = shaper
         # Who this edge is to the server without CURVE (with CURVE, its key): kept across reconnects and, through
         # the head's checkpoint, across restarts. Random and never sent to other peers, so it cannot be guessed.
         resuming = mode == "train" and "routing_id" in meta  # a training edge going on (an app may share a head)
@@ -105,6 +120,10 @@ class EdgeClient:
         self.session: EdgeSession | None = None
         # Whether close() ends the session on the server (bye); False keeps it for a restart that resumes it.
         self.end_session = True
+        self.last_decision: Decision | None = None  # the policy's choice for the last request, and its latency
+        self.last_latency_ms: float | None = None
+        # What the policy did: requests, how many answered within their deadline, each choice's count.
+        self.adaptive: dict[str, Any] = {"requests": 0, "deadline_met": 0, "choices": {}}
 
     @property
     def budget(self) -> int:
@@ -127,7 +146,7 @@ class EdgeClient:
         # A refused key or a wrong server key is an error, not a timeout; a server that comes back gets the
         # requests in flight at once. The routing id stays across reconnects, so the server knows the edge again.
         events = ConnectionEvents(self.address, self.curve)
-        socket = connect_dealer(self._context, self.address,
+        socket = connect_dealer(self._context, self.address, shaper=self.shaper,
                                 options=(sockopt(zmq.ROUTING_ID, self.routing_id), *self._socket_options, events))
         events.start()
         link = RequestLink(socket, self.address, self._timeout, self._retries, events)
@@ -152,6 +171,23 @@ class EdgeClient:
             raise
         return self
 
+    def _policy(self, policy: Policy | None, deadline_ms: float | None, max_bytes_per_s: float | None,
+                model_set: str | Path | None, codecs: Sequence[str], lz4: bool) -> Policy | None:
+        """The policy that chooses each request's budget and codec: yours, or a deadline controller."""
+        if policy is None and deadline_ms is None:
+            if max_bytes_per_s is not None:
+                raise ConfigError("max_bytes_per_s caps what a deadline controller chooses: give deadline_ms too")
+            return None
+        if model_set is None:
+            raise ConfigError("choosing a budget per request needs a model set: EdgeClient(..., model_set=FOLDER) "
+                              "from `sparse-rt train prune`")
+        if policy is not None:
+            return policy
+        assert deadline_ms is not None
+        options = options_from_manifest(read_manifest(Path(model_set)), codecs, lz4)
+        return DeadlineController(options, deadline_ms, max_bytes_per_s=max_bytes_per_s,
+                                  classes=self.pipeline.num_classes)
+
     def _head_for(self, budget: int) -> EdgeModel:
         if self.heads is None:
             raise ConfigError("set_budget needs a model set: EdgeClient(..., model_set=FOLDER)")
@@ -162,17 +198,52 @@ class EdgeClient:
 
     def set_budget(self, budget: int) -> None:
         """Send ``budget`` channels from now on, with the model set's head for that budget."""
-        self.edge_model = self._head_for(budget)
-        self.chain = edge_chain(self.edge_model, self._optimizer, stages=self._stages, **self._codecs)
+        self.select(Choice(budget, self.choice.codec, self.choice.lz4))
+
+    def select(self, choice: Choice) -> None:
+        """Send with ``choice`` (budget, codec) from now on; no new session, no reconnect.
+
+        A codec other than the handshake's must be one the session agreed
+        to (a policy's are); the server refuses others with ``bad_codec``.
+        """
+        if choice == self.choice:
+            return
+        self.edge_model = self._head_for(choice.budget)
+        chain = self._chains.get(choice)
+        if chain is None:
+            codecs = dict(self._codecs, codec=choice.codec, lz4=choice.lz4)
+            chain = self._chains[choice] = edge_chain(self.edge_model, self._optimizer, stages=self._stages, **codecs)
+        self.chain, self.choice = chain, choice
         self.optimizer = self.chain.optimizer.optimizer
-        self.settings = dataclasses.replace(self.settings, budget=budget)  # what a new handshake would propose
+        self.settings = dataclasses.replace(self.settings, budget=choice.budget)  # what a new handshake proposes
         if self.session is not None:
             self.session.chain = self.chain
             self.session.protocol.settings = self.settings
 
     async def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's output (logits) for ``x``: head here, tail on the server."""
-        return await self._session.infer(x)
+        """The model's output (logits) for ``x``: head here, tail on the server.
+
+        With a policy (``deadline_ms``), the budget and codec are chosen for
+        this request first, and what it cost teaches the policy.
+        """
+        if self.policy is None:
+            return await self._session.infer(x)
+        session = self._session
+        decision = self.policy.choose(session.estimate, len(x))
+        self.select(decision.choice)
+        started = time.perf_counter()
+        logits, ctx = await session.infer_traced(x, choice=decision.choice.label, predicted_ms=decision.predicted_ms,
+                                                 predicted_to_meet=decision.meets, probe=decision.probe,
+                                                 **session.estimate.snapshot())
+        total_ms = (time.perf_counter() - started) * 1e3
+        wait, server = ctx.timer.ms.get("wait"), ctx.meta.get("server_ms")
+        self.policy.observed(decision, total_ms, None if wait is None else wait - (server or 0.0))
+        self.last_decision, self.last_latency_ms = decision, total_ms
+        choices = self.adaptive["choices"]
+        choices[decision.choice.label] = choices.get(decision.choice.label, 0) + 1
+        self.adaptive["requests"] += 1
+        self.adaptive["deadline_met"] += total_ms <= decision.deadline_ms
+        return logits
 
     async def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One split training step (needs ``mode="train"``); returns the batch's loss."""
@@ -183,12 +254,31 @@ class EdgeClient:
         """Logits for each batch, in order, with up to ``inflight`` requests in flight (``async for``).
 
         Faster than awaiting :meth:`infer` per batch: the head computes the
-        next batch while the server runs the tail of the previous ones.
+        next batch while the server runs the tail of the previous ones. With
+        a policy, requests go one at a time, each chosen for its deadline.
         """
+        if self.policy is not None:
+            return self._infer_each(inputs)
         return self._session.infer_many(inputs, inflight)
 
+    async def _infer_each(self, inputs: Iterable[torch.Tensor] | AsyncIterable[torch.Tensor]
+                          ) -> AsyncIterator[torch.Tensor]:
+        if isinstance(inputs, AsyncIterable):
+            async for x in inputs:
+                yield await self.infer(x)
+        else:
+            for x in inputs:
+                yield await self.infer(x)
+
     async def evaluate(self, loader: Iterable[Batch], inflight: int = 4) -> float:
-        return await self._session.evaluate(loader, inflight)
+        """Accuracy over ``loader``; with a policy, each batch is one request it chooses for."""
+        if self.policy is None:
+            return await self._session.evaluate(loader, inflight)
+        right, count = 0, 0
+        for x, y in loader:
+            logits = await self.infer(x)
+            right, count = right + int(logits.argmax(dim=1).eq(y).sum()), count + len(y)
+        return right / max(count, 1)
 
     def save(self, path: str | Path, **meta: Any) -> None:
         """Checkpoint the head, the compressor and the optimizer, with the settings needed to reload them."""

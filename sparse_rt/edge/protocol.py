@@ -29,6 +29,8 @@ class SessionSettings:
     resolution: int = 0
     grad_codec: str | None = None  # the gradients' codec, if not the activations'
     grad_lz4: bool | None = None
+    codecs: tuple[str, ...] | None = None  # inference: the other encodings requests may switch to ("int8+lz4")
+    timing: bool = False  # ask the server to say its own time in each reply (the link estimate needs it)
 
     @classmethod
     def of_chain(cls, chain: EdgeChain, pipeline: str, mode: str = "train", resolution: int = 0) -> "SessionSettings":
@@ -56,7 +58,8 @@ class EdgeProtocol:
     def hello(self, request_id: int) -> Hello:
         s = self.settings  # a None grad_codec/grad_lz4 is left out: the server's default is the activations' own
         return Hello(request_id, s.pipeline, s.channels, s.budget, s.codec, s.lz4, s.mode, s.resolution,
-                     s.grad_codec, s.grad_lz4, self.session_id or self.resume)
+                     s.grad_codec, s.grad_lz4, self.session_id or self.resume, timing=s.timing or None,
+                     codecs=s.codecs)
 
     def opened(self, welcome: Welcome) -> str:
         """The session is open; a resumed one goes on at the server's next step if the tail got further."""

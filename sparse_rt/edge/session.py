@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
+from sparse_rt.edge.estimate import LinkEstimate
 from sparse_rt.edge.protocol import EdgeProtocol, SessionSettings
 from sparse_rt.errors import ConfigError, SparseRtError
 from sparse_rt.metrics import MetricsLog, StageTimer
@@ -61,6 +62,7 @@ class EdgeSession:
         self.protocol = EdgeProtocol(settings, resume)
         self.metrics = metrics or MetricsLog(None)
         self.rows_sent = 0  # rows of the last training step that reached the server (its loss is over them)
+        self.estimate = LinkEstimate()  # the link and the server, as this session's own requests see them
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head") if offload else None
 
     @property
@@ -91,6 +93,7 @@ class EdgeSession:
             welcome = decode_reply(header, raw, Welcome)
         self.metrics.record(timer, kind="hello", id=request_id, bytes_up=frame_bytes(frames),
                             bytes_down=frame_bytes(raw))
+        self.estimate.observe_round_trip(timer.ms["wait"])
         session = self.protocol.opened(welcome)
         if welcome.resumed:
             log.info("resumed session %s at step %d%s", session, self.steps,
@@ -145,6 +148,8 @@ class EdgeSession:
                 frames = readdressed(frames, ctx.session, ctx.meta["request_id"])
                 reply = await self.transport.forward(frames, ctx)
         up, down = frame_bytes(frames), frame_bytes(reply[1])
+        ctx.meta["server_ms"] = reply[0].get("server_ms")  # with timing: its queue and compute, not the network's
+        self.estimate.observe(up, down, ctx.timer.ms["wait"], ctx.meta["server_ms"])
         if ctx.training and _refused(reply, "reply_lost"):
             # Applied and checkpointed by the server before it restarted; only its gradient is gone. The head
             # skips this one update, the step counts as applied, and training goes on with the next.
@@ -177,12 +182,20 @@ class EdgeSession:
 
     async def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for the batch: the server's tail's, or an edge stage's for rows it answered itself."""
+        return (await self.infer_traced(x))[0]
+
+    async def infer_traced(self, x: torch.Tensor, **record: Any) -> tuple[torch.Tensor, StepContext]:
+        """:meth:`infer`, with the request's context (stage times, bytes, the server's own time).
+
+        ``record``: more fields for this request's metrics record (a policy's decision).
+        """
         request_id = self.link.next_id()
         ctx = self.protocol.context("infer", request_id)
         logits, bytes_up, bytes_down = await self._run(x, ctx)
+        ctx.meta.update(bytes_up=bytes_up, bytes_down=bytes_down)
         self.metrics.record(ctx.timer, kind="infer", id=request_id, samples=len(x), bytes_up=bytes_up,
-                            bytes_down=bytes_down)
-        return logits
+                            bytes_down=bytes_down, **record)
+        return logits, ctx
 
     async def infer_many(self, inputs: Iterable[torch.Tensor] | AsyncIterable[torch.Tensor],
                          inflight: int = 4) -> AsyncIterator[torch.Tensor]:

@@ -1,0 +1,185 @@
+"""Choosing, before each inference request, what to send: the budget and codec that meet a deadline.
+
+A model set (`sparse-rt train prune`) holds one head and tail per budget;
+its manifest says how accurate each is and how many bytes a sample costs in
+each codec. With the link estimate (estimate.py) the edge predicts every
+choice's latency: its own and the server's compute, as measured per choice,
+plus the network's time for its bytes. Among the choices predicted to meet
+the deadline it takes the most accurate; when none does, the fastest, and
+the decision says so.
+
+A policy is any object with ``choose(estimate, samples) -> Decision`` and
+``observed(decision, total_ms, network_ms)``; :class:`DeadlineController`
+is the one this runtime ships, and ``EdgeClient(policy=...)`` takes another.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+from sparse_rt.edge.estimate import SMALL_BYTES, Ewma, LinkEstimate
+
+# Codecs in order of precision: when two choices are equally accurate by the manifest, the more precise wins.
+PRECISION = ("fp32", "fp16", "int8")
+# Bytes of a request and a reply beyond the sent values (headers, indices, logits): small, but they are
+# what a choice of a few channels costs on a slow link.
+REQUEST_OVERHEAD_BYTES = 256
+REPLY_BYTES_PER_SAMPLE = 4 * 10  # float32 logits, 10 classes, until the first reply says how many
+
+
+@dataclass(frozen=True, order=True)
+class Choice:
+    """What one request sends: this budget's model, its values in this codec."""
+
+    budget: int
+    codec: str = "fp32"
+    lz4: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.budget}/{self.codec}{'+lz4' if self.lz4 else ''}"
+
+
+@dataclass(frozen=True)
+class Option:
+    """A choice with what the model set says of it."""
+
+    choice: Choice
+    accuracy: float
+    bytes_per_sample: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The choice for one request, its predicted latency (None: not predictable yet) and whether that meets."""
+
+    option: Option
+    predicted_ms: float | None
+    meets: bool
+    deadline_ms: float
+    probe: bool = False  # sent to measure the link's rate, which the recent choices were too small to show
+
+    @property
+    def choice(self) -> Choice:
+        return self.option.choice
+
+
+class Policy(Protocol):
+    def choose(self, estimate: LinkEstimate, samples: int) -> Decision: ...
+
+    def observed(self, decision: Decision, total_ms: float, network_ms: float | None) -> None: ...
+
+
+def options_from_manifest(manifest: dict[str, Any], codecs: Sequence[str] = PRECISION,
+                          lz4: bool = False) -> list[Option]:
+    """Every (budget, codec) the model set can serve, with the manifest's accuracy and bytes per sample.
+
+    A manifest entry's ``accuracy`` per codec is used where it was measured;
+    otherwise the budget's ``test_accuracy`` (measured in fp32) stands for
+    every codec, and precision breaks the tie.
+    """
+    options = []
+    for model in manifest["models"]:
+        sizes = model.get("bytes_per_sample", {})
+        measured = model.get("accuracy", {})
+        for codec in codecs:
+            if codec not in sizes:
+                continue
+            options.append(Option(Choice(int(model["budget"]), codec, lz4),
+                                  float(measured.get(codec, model["test_accuracy"])), float(sizes[codec])))
+    if not options:
+        raise ValueError("the model set's manifest lists no budget in any of the codecs "
+                         f"{', '.join(codecs)}: nothing to choose from")
+    return options
+
+
+@dataclass
+class DeadlineController:
+    """The most accurate choice predicted to answer within ``deadline_ms``; else the fastest.
+
+    ``margin`` is the share of the deadline a prediction may fill: the
+    estimate is an average, and the requests that miss are the slow ones.
+    ``max_bytes_per_s`` caps the traffic: choices that would send more at the
+    rate requests arrive are left out.
+    """
+
+    options: Sequence[Option]
+    deadline_ms: float
+    margin: float = 0.8
+    max_bytes_per_s: float | None = None
+    classes: int | None = None
+    probe_every: int = 10  # requests too small to measure the rate, before one that does
+    clock: Callable[[], float] = time.monotonic
+    _compute: dict[Choice, Ewma] = field(default_factory=dict)  # head + server + decode per choice, ms
+    _interval: Ewma = field(default_factory=lambda: Ewma(0.2))  # seconds between requests
+    _last_call: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.options:
+            raise ValueError("a controller needs at least one option")
+        if not (self.deadline_ms > 0 and math.isfinite(self.deadline_ms)):
+            raise ValueError(f"the deadline must be a positive number of ms, got {self.deadline_ms}")
+        if not 0 < self.margin <= 1:
+            raise ValueError(f"margin must be in (0, 1], got {self.margin}")
+
+    def _compute_ms(self, choice: Choice) -> float:
+        known = self._compute.get(choice)
+        if known is not None and known.value is not None:
+            return known.value
+        # Untried: like the same model in another codec, else like the average of those tried.
+        same = [e.value for c, e in self._compute.items() if e.value is not None and c.budget == choice.budget]
+        tried = same or [e.value for e in self._compute.values() if e.value is not None]
+        return sum(tried) / len(tried) if tried else 0.0
+
+    def _bytes(self, option: Option, samples: int) -> tuple[int, int]:
+        up = REQUEST_OVERHEAD_BYTES + math.ceil(option.bytes_per_sample * samples)
+        return up, REQUEST_OVERHEAD_BYTES // 2 + samples * 4 * (self.classes or REPLY_BYTES_PER_SAMPLE // 4)
+
+    def predict_ms(self, option: Option, estimate: LinkEstimate, samples: int) -> float | None:
+        network = estimate.predict_ms(*self._bytes(option, samples))
+        return None if network is None else network + self._compute_ms(option.choice)
+
+    def _probe(self, options: Sequence[Option], estimate: LinkEstimate, samples: int) -> Decision:
+        """The fewest bytes that still measure the rate (a larger request than the round trip alone)."""
+        measuring = [o for o in options if sum(self._bytes(o, samples)) > SMALL_BYTES]
+        option = min(measuring or options, key=lambda o: o.bytes_per_sample)
+        ms = self.predict_ms(option, estimate, samples)
+        return Decision(option, ms, ms is not None and ms <= self.deadline_ms * self.margin, self.deadline_ms, True)
+
+    def _affordable(self, options: Iterable[Option], samples: int) -> list[Option]:
+        if self.max_bytes_per_s is None or self._interval.value is None:
+            return list(options)
+        per_second = samples / max(self._interval.value, 1e-6)
+        within = [o for o in options if o.bytes_per_sample * per_second <= self.max_bytes_per_s]
+        return within or [min(self.options, key=lambda o: o.bytes_per_sample)]
+
+    def choose(self, estimate: LinkEstimate, samples: int) -> Decision:
+        now = self.clock()
+        if self._last_call is not None:
+            self._interval.add(now - self._last_call)
+        self._last_call = now
+        options = self._affordable(self.options, samples)
+        predicted = [(option, self.predict_ms(option, estimate, samples)) for option in options]
+        if any(ms is None for _, ms in predicted) or estimate.rate_age >= self.probe_every:
+            return self._probe(options, estimate, samples)  # the rate is not known, or not known of late
+        budget = self.deadline_ms * self.margin
+        meeting = [(o, ms) for o, ms in predicted if ms is not None and ms <= budget]
+        if meeting:
+            option, ms = max(meeting, key=lambda pair: (pair[0].accuracy, _precision(pair[0].choice), -pair[1]))
+            return Decision(option, ms, True, self.deadline_ms)
+        option, ms = min(predicted, key=lambda pair: (pair[1] if pair[1] is not None else math.inf,
+                                                      pair[0].bytes_per_sample))
+        return Decision(option, ms, False, self.deadline_ms)
+
+    def observed(self, decision: Decision, total_ms: float, network_ms: float | None) -> None:
+        """A request's whole time, and the part the network took (the rest is compute at either end)."""
+        if network_ms is None or not (math.isfinite(total_ms) and math.isfinite(network_ms)):
+            return
+        self._compute.setdefault(decision.choice, Ewma(0.3)).add(max(total_ms - network_ms, 0.0))
+
+
+def _precision(choice: Choice) -> int:
+    """Higher is more precise; codecs of one's own rank below the built-ins."""
+    return len(PRECISION) - PRECISION.index(choice.codec) if choice.codec in PRECISION else 0

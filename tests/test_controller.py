@@ -1,0 +1,152 @@
+"""The link estimate and the deadline controller, on given observations (no sockets: tests/test_adaptive.py has those)."""
+from __future__ import annotations
+
+import pytest
+
+from sparse_rt.edge.controller import Choice, DeadlineController, Option, options_from_manifest
+from sparse_rt.edge.estimate import LinkEstimate
+
+MB = 1_000_000
+
+
+def _link(rate_bps: float, rtt_ms: float, server_ms: float = 1.0, nbytes: int = 100_000, requests: int = 5,
+          estimate: LinkEstimate | None = None) -> LinkEstimate:
+    """An estimate fed with requests that took exactly what a link of this rate and round trip takes."""
+    estimate = estimate or LinkEstimate()
+    if estimate.rtt_ms is None:
+        estimate.observe_round_trip(rtt_ms)
+    for _ in range(requests):
+        estimate.observe(nbytes, 500, rtt_ms + 8e3 * (nbytes + 500) / rate_bps + server_ms, server_ms)
+    return estimate
+
+
+def test_the_estimate_learns_round_trip_rate_and_server_time():
+    estimate = _link(20 * MB, rtt_ms=10.0, server_ms=3.0)
+    assert estimate.rtt_ms == pytest.approx(10.0)
+    assert estimate.rate_bps == pytest.approx(20 * MB, rel=1e-6)
+    assert estimate.server_ms == pytest.approx(3.0)
+    assert estimate.predict_ms(50_000, 0) == pytest.approx(10.0 + 8e3 * 50_000 / (20 * MB))
+
+
+def test_a_step_change_in_rate_is_taken_on_the_second_request_and_one_slow_reply_is_not():
+    estimate = _link(50 * MB, rtt_ms=10.0)
+    _link(50 * MB / 10, rtt_ms=10.0, requests=1, estimate=estimate)  # one slow reply: a suspect, not a change
+    assert estimate.rate_bps == pytest.approx(50 * MB, rel=1e-6) and estimate.changes == 0
+    _link(50 * MB, rtt_ms=10.0, requests=1, estimate=estimate)  # and back: the suspect is forgotten
+    _link(5 * MB, rtt_ms=10.0, requests=1, estimate=estimate)
+    assert estimate.changes == 0
+    _link(5 * MB, rtt_ms=10.0, requests=1, estimate=estimate)  # the second in a row: the link changed
+    assert estimate.changes == 1
+    assert estimate.rate_bps == pytest.approx(5 * MB, rel=1e-6)
+    _link(40 * MB, rtt_ms=10.0, requests=2, estimate=estimate)  # faster again: seen the same way
+    assert estimate.changes == 2 and estimate.rate_bps == pytest.approx(40 * MB, rel=1e-6)
+
+
+def test_noise_is_smoothed_not_followed():
+    estimate = _link(10 * MB, rtt_ms=5.0)
+    for factor in (1.2, 0.85, 1.3, 0.8):  # within the change ratio: averaged
+        estimate.observe(100_000, 500, 5.0 + factor * 8e3 * 100_500 / (10 * MB) + 1.0, 1.0)
+    assert estimate.changes == 0
+    assert estimate.rate_bps == pytest.approx(10 * MB, rel=0.15)
+
+
+def test_small_requests_measure_the_round_trip_and_age_the_rate():
+    estimate = _link(10 * MB, rtt_ms=5.0)
+    for _ in range(3):
+        estimate.observe(800, 100, 8.0 + 1.0, 1.0)
+    assert estimate.rtt_ms == pytest.approx(5.0 + 3.0 * (1 - 0.7 ** 3))
+    assert estimate.rate_age == 3
+    assert estimate.rate_bps == pytest.approx(10 * MB, rel=1e-6)
+
+
+def test_nonsense_times_are_ignored():
+    estimate = _link(10 * MB, rtt_ms=5.0)
+    before = (estimate.rtt_ms, estimate.rate_bps, estimate.samples)
+    estimate.observe(100_000, 0, float("nan"))
+    estimate.observe(100_000, 0, -3.0)
+    assert (estimate.rtt_ms, estimate.rate_bps, estimate.samples) == before
+
+
+# A model set of three budgets of 64 channels of 8x8 (cifar_cnn's cut), as its manifest states them.
+MANIFEST = {"models": [
+    {"budget": budget, "test_accuracy": accuracy,
+     "bytes_per_sample": {"fp32": budget * 256.0, "fp16": budget * 128.0, "int8": budget * 64.0 + 4}}
+    for budget, accuracy in ((64, 0.60), (16, 0.55), (2, 0.45))]}
+
+
+def _controller(deadline_ms: float, **kwargs) -> DeadlineController:
+    return DeadlineController(options_from_manifest(MANIFEST), deadline_ms, classes=10, **kwargs)
+
+
+def test_the_manifest_gives_every_budget_in_every_codec():
+    options = options_from_manifest(MANIFEST)
+    assert len(options) == 9
+    assert Option(Choice(16, "int8"), 0.55, 1028.0) in options
+    assert {o.choice.codec for o in options_from_manifest(MANIFEST, codecs=("fp16",))} == {"fp16"}
+    with pytest.raises(ValueError, match="nothing to choose"):
+        options_from_manifest(MANIFEST, codecs=("bf16",))
+
+
+@pytest.mark.parametrize("rate_mbps, expected", [
+    (100, Choice(64, "fp32")),  # 8 x 16 KiB in 10.5 ms: the best model, most precise
+    (20, Choice(64, "fp16")),  # fp32 needs 52 ms, over 0.8 x 50; half the bytes fit
+    (5, Choice(16, "fp16")),  # 64 channels need 52 ms even as int8; 16 as fp16 take 26
+    (1, Choice(2, "fp16")),  # only 2 channels fit, and not as fp32 (4 KiB: 45 ms)
+])
+def test_the_most_accurate_choice_that_meets_the_deadline(rate_mbps, expected):
+    controller = _controller(50.0)
+    decision = controller.choose(_link(rate_mbps * MB, rtt_ms=10.0, server_ms=0.0), samples=8)
+    assert decision.choice == expected
+    assert decision.meets and decision.predicted_ms <= 0.8 * 50.0
+    assert not decision.probe
+
+
+def test_when_nothing_meets_the_fastest_is_sent_and_the_decision_says_so():
+    controller = _controller(12.0)
+    decision = controller.choose(_link(1 * MB, rtt_ms=10.0, server_ms=0.0), samples=8)
+    assert decision.choice == Choice(2, "int8")
+    assert not decision.meets and decision.predicted_ms > 12.0 * 0.8
+
+
+def test_measured_compute_per_choice_counts_in_the_prediction():
+    controller = _controller(100.0)
+    estimate = _link(100 * MB, rtt_ms=10.0, server_ms=0.0)
+    first = controller.choose(estimate, samples=8)
+    assert first.choice == Choice(64, "fp32")
+    controller.observed(first, total_ms=90.0, network_ms=20.0)  # this model's compute takes 70 ms
+    controller.observed(controller.choose(estimate, samples=8), total_ms=20.0, network_ms=15.0)
+    assert controller.predict_ms(first.option, estimate, 8) == pytest.approx(10.0 + 8e3 * (8 * 16384 + 704) / 1e8
+                                                                             + 70.0)
+    decision = controller.choose(estimate, samples=8)
+    assert decision.choice == Choice(16, "fp32") and decision.meets  # the slow model is passed over
+
+
+def test_a_byte_rate_cap_leaves_out_the_choices_that_would_pass_it():
+    clock = iter(i * 0.1 for i in range(100))  # a request every 100 ms
+    controller = _controller(50.0, max_bytes_per_s=100_000, clock=lambda: next(clock))
+    estimate = _link(100 * MB, rtt_ms=10.0, server_ms=0.0)
+    controller.choose(estimate, samples=8)  # the first call only starts the clock
+    decision = controller.choose(estimate, samples=8)
+    assert decision.option.bytes_per_sample * 8 / 0.1 <= 100_000  # 80 samples/s x bytes per sample
+    assert decision.choice == Choice(16, "int8")  # 1,028 bytes a sample: the most accurate under the cap
+
+
+def test_before_the_rate_is_known_and_when_it_is_stale_the_controller_probes():
+    controller = _controller(50.0, probe_every=3)
+    estimate = LinkEstimate()
+    estimate.observe_round_trip(10.0)
+    probe = controller.choose(estimate, samples=8)
+    assert probe.probe and probe.choice == Choice(2, "fp32")  # the fewest bytes that still show the rate
+    _link(1 * MB, rtt_ms=10.0, server_ms=0.0, estimate=estimate)
+    for _ in range(3):  # requests too small to measure the rate
+        estimate.observe(600, 100, 11.0, 0.0)
+    assert controller.choose(estimate, samples=8).probe
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="deadline"):
+        _controller(0.0)
+    with pytest.raises(ValueError, match="margin"):
+        _controller(10.0, margin=1.5)
+    with pytest.raises(ValueError):
+        LinkEstimate(change_ratio=1.0)
