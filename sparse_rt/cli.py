@@ -324,6 +324,11 @@ def _edges_table(combined: dict) -> str:
               help="Edge: seconds to wait for a reply before resending.  [default: 30]")
 @click.option("--retries", type=click.IntRange(min=0), help="Edge: resends before giving up.  [default: 2]")
 @click.option("--inflight", type=click.IntRange(min=1), help="Edge: inference requests in flight.  [default: 4]")
+@click.option("--deadline-ms", type=click.FloatRange(min=0, min_open=True),
+              help="Edge, --mode infer with --models: pick each request's budget and codec to answer within this, "
+                   "from the link it measures.")
+@click.option("--max-bytes-per-s", type=click.FloatRange(min=0, min_open=True),
+              help="Edge, with --deadline-ms: leave out choices that would send more than this.")
 @click.option("--json/--no-json", "json", default=None, help="Print one JSON summary object on stdout at the end.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="[default: info]")
 @click.option("--curve-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -351,6 +356,8 @@ def node(config_file: Path | None, **options) -> None:
     Examples:
       sparse-rt node --role server --pipeline digits_cnn --bind tcp://127.0.0.1:5555
       sparse-rt node --role edge --pipeline digits_cnn --connect tcp://127.0.0.1:5555 --budget 4
+      sparse-rt node --role edge --pipeline digits_cnn --connect tcp://127.0.0.1:5555 --mode infer \
+          --models runs/set --deadline-ms 50
       sparse-rt node --config nodes/edge.toml --epochs 3
     """
     import asyncio

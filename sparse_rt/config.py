@@ -90,6 +90,8 @@ class NodeConfig:
     request_timeout: float = 30.0  # edge: seconds to wait for one reply before retrying
     retries: int = 2  # edge: resends of a request without reply before giving up
     inflight: int = 4  # edge: inference requests in flight at once
+    deadline_ms: float | None = None  # edge, inference with a model set: choose budget and codec per request for it
+    max_bytes_per_s: float | None = None  # edge, with deadline_ms: a cap on the traffic those choices make
     json: bool = False  # print one JSON summary object on stdout at the end
     log_level: str = "info"
     curve_key: Path | None = None  # this node's NAME.key_secret: CURVE encryption and authentication
@@ -112,6 +114,11 @@ class NodeConfig:
             raise ConfigError("an edge needs the server's address, e.g. --connect tcp://127.0.0.1:5555")
         if self.models is not None and (self.mode != "infer" and self.role == "edge" or self.resume):
             raise ConfigError("a model set serves inference only: use --mode infer, without --resume")
+        if self.deadline_ms is not None and (self.role != "edge" or self.mode != "infer" or self.models is None):
+            raise ConfigError("--deadline-ms chooses among a model set's budgets per request: an edge with "
+                              "--mode infer and --models FOLDER")
+        if self.max_bytes_per_s is not None and self.deadline_ms is None:
+            raise ConfigError("--max-bytes-per-s caps what the deadline controller chooses: give --deadline-ms too")
         if self.resume and self.checkpoint is None:
             raise ConfigError("--resume needs --checkpoint PATH to resume from")
         if self.shard is not None:

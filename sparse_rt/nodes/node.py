@@ -169,7 +169,8 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
                         lz4=config.lz4, resolution=config.resolution, seed=config.seed,
                         head_checkpoint=config.checkpoint if config.resume else None, model_set=config.models,
                         lr=config.lr, timeout=config.request_timeout, retries=config.retries, metrics=config.metrics,
-                        curve_key=config.curve_key, server_key=config.server_key)
+                        curve_key=config.curve_key, server_key=config.server_key, deadline_ms=config.deadline_ms,
+                        max_bytes_per_s=config.max_bytes_per_s)
     stop = stop_on_signals()
     result = TrainingResult(math.nan, 0, False)
     if config.checkpoint is not None and config.mode == "train":
@@ -217,5 +218,9 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
                             traffic=client.traffic, trained=trained, train_samples=len(data.y_train),
                             test_samples=len(data.y_test), steps=client.session.steps, started=started)
     log.info("done: test accuracy %.4f after %d steps", accuracy, summary.steps)
+    if client.policy is not None:
+        adaptive = client.adaptive
+        log.info("deadline %g ms met by %d of %d requests; choices: %s", config.deadline_ms, adaptive["deadline_met"],
+                 adaptive["requests"], ", ".join(f"{label} x{n}" for label, n in adaptive["choices"].items()))
     code = EXIT_SERVER_LOST if lost else EXIT_STOPPED if result.stopped else 0 if saved else EXIT_SAVE_FAILED
     return summary, code
