@@ -117,6 +117,10 @@ class NodeConfig:
         if self.deadline_ms is not None and (self.role != "edge" or self.mode != "infer" or self.models is None):
             raise ConfigError("--deadline-ms chooses among a model set's budgets per request: an edge with "
                               "--mode infer and --models FOLDER")
+        for name in ("deadline_ms", "max_bytes_per_s"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if self.max_bytes_per_s is not None and self.deadline_ms is None:
             raise ConfigError("--max-bytes-per-s caps what the deadline controller chooses: give --deadline-ms too")
         if self.resume and self.checkpoint is None:

@@ -54,9 +54,28 @@ def test_small_requests_measure_the_round_trip_and_age_the_rate():
     estimate = _link(10 * MB, rtt_ms=5.0)
     for _ in range(3):
         estimate.observe(800, 100, 8.0 + 1.0, 1.0)
-    assert estimate.rtt_ms == pytest.approx(5.0 + 3.0 * (1 - 0.7 ** 3))
+    transfer = 8e3 * 900 / (10 * MB)  # taken off: the round trip is what is left
+    assert estimate.rtt_ms == pytest.approx(5.0 + (3.0 - transfer) * (1 - 0.7 ** 3))
     assert estimate.rate_age == 3
     assert estimate.rate_bps == pytest.approx(10 * MB, rel=1e-6)
+
+
+def test_a_server_claiming_more_time_than_the_wait_cannot_break_the_estimate():
+    estimate = _link(10 * MB, rtt_ms=5.0)
+    for claimed in (25.0, 1e300, -4.0):
+        estimate.observe(50_000, 500, 20.0, claimed)  # a hostile or skewed server_ms
+        snapshot = estimate.snapshot()  # no ZeroDivisionError, nothing non-finite
+        assert all(value is None or value == value for value in snapshot.values())
+    assert estimate.server_ms <= 20.0
+    assert estimate.rate_bps is not None and estimate.rate_bps > 0
+
+
+def test_small_requests_on_a_slow_link_do_not_count_their_transfer_as_round_trip():
+    estimate = _link(1 * MB, rtt_ms=5.0)
+    for _ in range(5):  # 3.8 KB: 30 ms of transfer at 1 Mbit/s
+        estimate.observe(3_300, 500, 5.0 + 8e3 * 3_800 / MB, 0.0)
+    assert estimate.rtt_ms == pytest.approx(5.0, abs=0.5)
+    assert estimate.predict_ms(3_300, 500) == pytest.approx(5.0 + 30.4, abs=1.0)
 
 
 def test_nonsense_times_are_ignored():
@@ -143,10 +162,25 @@ def test_before_the_rate_is_known_and_when_it_is_stale_the_controller_probes():
     assert controller.choose(estimate, samples=8).probe
 
 
+def test_when_every_choice_is_small_it_never_probes():
+    options = [Option(Choice(b, c), acc, b * s) for b, acc in ((32, 0.97), (2, 0.9)) for c, s in (("fp32", 64),)]
+    controller = DeadlineController(options, 50.0, probe_every=2)
+    estimate = LinkEstimate()
+    estimate.observe_round_trip(5.0)
+    for _ in range(6):  # one sample a request: every request is small, so the rate does not matter
+        decision = controller.choose(estimate, samples=1)
+        assert not decision.probe and decision.choice == Choice(32, "fp32")
+        estimate.observe(2_300, 200, 6.0, 1.0)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="deadline"):
         _controller(0.0)
     with pytest.raises(ValueError, match="margin"):
         _controller(10.0, margin=1.5)
+    with pytest.raises(ValueError, match="max_bytes_per_s"):
+        _controller(10.0, max_bytes_per_s=-1)
+    with pytest.raises(ValueError, match="probe_every"):
+        _controller(10.0, probe_every=0)
     with pytest.raises(ValueError):
         LinkEstimate(change_ratio=1.0)

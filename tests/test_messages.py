@@ -172,6 +172,8 @@ PRED = _frames(Predictions(3, "s", torch.randn(2, 10)))
     _replace_header(GRAD, server_ms=-1), _replace_header(GRAD, server_ms="NaN"), _replace_header(GRAD, server_ms=True),
     _replace_header(PRED, server_ms=-0.5), _replace_header(PRED, server_ms="1"), _replace_header(PRED, server_ms=None),
     [PRED[0][:-1] + b',"server_ms":NaN}', PRED[1]], [PRED[0][:-1] + b',"server_ms":Infinity}', PRED[1]],
+    [PRED[0][:-1] + b',"server_ms":1' + b"0" * 400 + b"}", PRED[1]],  # an int that float() cannot hold
+    [GRAD[0].replace(b'"loss":0.25', b'"loss":-1' + b"0" * 400), *GRAD[1:]],
     _replace_header(HELLO, timing=1), _replace_header(HELLO, timing="true"),
     _replace_header(HELLO, codecs=[]), _replace_header(HELLO, codecs="fp16"),
     _replace_header(HELLO, codecs=["fp16", "fp16"]),

@@ -32,12 +32,13 @@ from sparse_rt.edge.session import EdgeSession, SessionSettings
 from sparse_rt.metrics import MetricsLog
 from sparse_rt.store.modelset import load_model_set, read_manifest
 from sparse_rt.stages.optimizer import build_optimizer
-from sparse_rt.stages.source import Batch
+from sparse_rt.stages.source import Batch, batches
 from sparse_rt.transport.connection import SocketOption, Traffic, connect_dealer, sockopt
 from sparse_rt.transport.curve import curve_client, load_key_pair, load_public_key
 from sparse_rt.transport.events import ConnectionEvents
 from sparse_rt.transport.link import RequestLink
 from sparse_rt.transport.shaper import Shaper
+from sparse_rt.wire.header import MAX_EXTRA_CODECS
 
 T = TypeVar("T")
 
@@ -99,8 +100,11 @@ class EdgeClient:
         self.settings = SessionSettings.of_chain(self.chain, self.pipeline.name, mode, resolution)
         self.policy = self._policy(policy, deadline_ms, max_bytes_per_s, model_set, adapt_codecs, lz4)
         if self.policy is not None:  # every encoding the policy may pick is agreed at the handshake
-            others = {o.choice.codec + ("+lz4" if o.choice.lz4 else "") for o in getattr(self.policy, "options", ())}
+            others = {o.choice.codec + ("+lz4" if o.choice.lz4 else "") for o in self.policy.options}
             others.discard(codec + ("+lz4" if lz4 else ""))
+            if len(others) > MAX_EXTRA_CODECS:
+                raise ConfigError(f"a session agrees on at most {MAX_EXTRA_CODECS + 1} encodings; the policy's "
+                                  f"options use {len(others) + 1}")
             self.settings = dataclasses.replace(self.settings, timing=True, codecs=tuple(sorted(others)) or None)
         self._timeout, self._retries, self._metrics_path, self._offload = timeout, retries, metrics, offload
         self._socket_options = tuple(socket_options)  # applied before connecting
@@ -198,6 +202,9 @@ class EdgeClient:
 
     def set_budget(self, budget: int) -> None:
         """Send ``budget`` channels from now on, with the model set's head for that budget."""
+        if self.policy is not None:
+            raise ConfigError("this client's policy chooses the budget of every request; set_budget would be "
+                              "overridden by the next one (leave out deadline_ms/policy to choose by hand)")
         self.select(Choice(budget, self.choice.codec, self.choice.lz4))
 
     def select(self, choice: Choice) -> None:
@@ -258,6 +265,8 @@ class EdgeClient:
         a policy, requests go one at a time, each chosen for its deadline.
         """
         if self.policy is not None:
+            if inflight < 1:
+                raise ValueError(f"inflight must be at least 1, got {inflight}")
             return self._infer_each(inputs)
         return self._session.infer_many(inputs, inflight)
 
@@ -275,7 +284,7 @@ class EdgeClient:
         if self.policy is None:
             return await self._session.evaluate(loader, inflight)
         right, count = 0, 0
-        for x, y in loader:
+        async for x, y in batches(loader):  # prefetched, as the session's own evaluation is
             logits = await self.infer(x)
             right, count = right + int(logits.argmax(dim=1).eq(y).sum()), count + len(y)
         return right / max(count, 1)

@@ -8,8 +8,9 @@ plus the network's time for its bytes. Among the choices predicted to meet
 the deadline it takes the most accurate; when none does, the fastest, and
 the decision says so.
 
-A policy is any object with ``choose(estimate, samples) -> Decision`` and
-``observed(decision, total_ms, network_ms)``; :class:`DeadlineController`
+A policy is any object with ``options`` (the choices it may make),
+``choose(estimate, samples) -> Decision`` and ``observed(decision,
+total_ms, network_ms)``; :class:`DeadlineController`
 is the one this runtime ships, and ``EdgeClient(policy=...)`` takes another.
 """
 from __future__ import annotations
@@ -67,6 +68,11 @@ class Decision:
 
 
 class Policy(Protocol):
+    """What EdgeClient asks before each request; ``options`` are every choice it may make (their encodings are
+    agreed with the server at the handshake)."""
+
+    options: Sequence[Option]
+
     def choose(self, estimate: LinkEstimate, samples: int) -> Decision: ...
 
     def observed(self, decision: Decision, total_ms: float, network_ms: float | None) -> None: ...
@@ -123,6 +129,10 @@ class DeadlineController:
             raise ValueError(f"the deadline must be a positive number of ms, got {self.deadline_ms}")
         if not 0 < self.margin <= 1:
             raise ValueError(f"margin must be in (0, 1], got {self.margin}")
+        if self.max_bytes_per_s is not None and not self.max_bytes_per_s > 0:
+            raise ValueError(f"max_bytes_per_s must be a positive number, got {self.max_bytes_per_s}")
+        if self.probe_every < 1:
+            raise ValueError(f"probe_every must be at least 1, got {self.probe_every}")
 
     def _compute_ms(self, choice: Choice) -> float:
         known = self._compute.get(choice)
@@ -141,10 +151,13 @@ class DeadlineController:
         network = estimate.predict_ms(*self._bytes(option, samples))
         return None if network is None else network + self._compute_ms(option.choice)
 
+    def _measuring(self, options: Sequence[Option], samples: int) -> list[Option]:
+        """The options whose requests are large enough to show the link's rate, not only its round trip."""
+        return [o for o in options if sum(self._bytes(o, samples)) > SMALL_BYTES]
+
     def _probe(self, options: Sequence[Option], estimate: LinkEstimate, samples: int) -> Decision:
         """The fewest bytes that still measure the rate (a larger request than the round trip alone)."""
-        measuring = [o for o in options if sum(self._bytes(o, samples)) > SMALL_BYTES]
-        option = min(measuring or options, key=lambda o: o.bytes_per_sample)
+        option = min(self._measuring(options, samples), key=lambda o: o.bytes_per_sample)
         ms = self.predict_ms(option, estimate, samples)
         return Decision(option, ms, ms is not None and ms <= self.deadline_ms * self.margin, self.deadline_ms, True)
 
@@ -162,8 +175,10 @@ class DeadlineController:
         self._last_call = now
         options = self._affordable(self.options, samples)
         predicted = [(option, self.predict_ms(option, estimate, samples)) for option in options]
-        if any(ms is None for _, ms in predicted) or estimate.rate_age >= self.probe_every:
-            return self._probe(options, estimate, samples)  # the rate is not known, or not known of late
+        # The rate matters to some choice, and it is not known, or not known of late: measure it.
+        if self._measuring(options, samples) and (any(ms is None for _, ms in predicted)
+                                                  or estimate.rate_age >= self.probe_every):
+            return self._probe(options, estimate, samples)
         budget = self.deadline_ms * self.margin
         meeting = [(o, ms) for o, ms in predicted if ms is not None and ms <= budget]
         if meeting:

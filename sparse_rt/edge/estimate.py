@@ -69,7 +69,7 @@ class LinkEstimate:
     def rate_bps(self) -> float | None:
         """Bits per second the link carries beyond its round trip (both directions together)."""
         per_byte = self._ms_per_byte.value
-        return None if per_byte is None else 8e3 / per_byte
+        return None if per_byte is None or per_byte <= 0 else 8e3 / per_byte
 
     def observe_round_trip(self, ms: float) -> None:
         """A small exchange's time (the handshake): the round trip alone."""
@@ -81,24 +81,28 @@ class LinkEstimate:
         if not (math.isfinite(wait_ms) and wait_ms >= 0):
             return
         self.samples += 1
-        if server_ms is not None and math.isfinite(server_ms) and server_ms >= 0:
+        if server_ms is not None and math.isfinite(server_ms):
+            # A server's word is not trusted past what the edge saw itself: it cannot claim more than the wait.
+            server_ms = min(max(server_ms, 0.0), wait_ms)
             self._server.add(server_ms)
-            wait_ms = max(wait_ms - server_ms, 0.0)
-        total = bytes_up + bytes_down
+            wait_ms -= server_ms
+        total, per_byte = bytes_up + bytes_down, self._ms_per_byte.value
         if total <= SMALL_BYTES or self._rtt.value is None:
-            self._rtt.add(wait_ms)
+            # The round trip, less the transfer time once the rate is known (4 KiB is 33 ms at 1 Mbit/s).
+            self._rtt.add(max(wait_ms - (per_byte or 0.0) * total, 0.0))
             self.rate_age += 1
             return
-        self.rate_age = 0
         # The transfer time is what the round trip leaves; never less than a tenth of the whole, so a round-trip
         # estimate a little high cannot make a large message look free.
         per_byte = max(wait_ms - self._rtt.value, 0.1 * wait_ms) / total
-        self._add_rate_sample(per_byte)
+        if per_byte > 0:  # a zero wait (a clock's resolution) says nothing of the rate
+            self.rate_age = 0
+            self._add_rate_sample(per_byte)
 
     def _add_rate_sample(self, per_byte: float) -> None:
         current = self._ms_per_byte.value
-        if current is None or per_byte <= 0:
-            self._ms_per_byte.add(per_byte)
+        if current is None or current <= 0:
+            self._ms_per_byte.value = per_byte
             return
         ratio = per_byte / current
         side = 1 if ratio > self.change_ratio else -1 if ratio < 1 / self.change_ratio else 0

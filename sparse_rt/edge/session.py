@@ -144,12 +144,13 @@ class EdgeSession:
                 log.warning("the server no longer knows session %s; opening a new one and going on",
                             self.session_id)
                 await self.open()
-                ctx.session, ctx.meta["request_id"] = self.session_id, self.link.next_id()
+                ctx.session, ctx.meta["request_id"], ctx.meta["reopened"] = self.session_id, self.link.next_id(), True
                 frames = readdressed(frames, ctx.session, ctx.meta["request_id"])
                 reply = await self.transport.forward(frames, ctx)
         up, down = frame_bytes(frames), frame_bytes(reply[1])
         ctx.meta["server_ms"] = reply[0].get("server_ms")  # with timing: its queue and compute, not the network's
-        self.estimate.observe(up, down, ctx.timer.ms["wait"], ctx.meta["server_ms"])
+        if not ctx.meta.get("reopened"):  # a wait that held a new handshake says nothing of one request's time
+            self.estimate.observe(up, down, ctx.timer.ms["wait"], ctx.meta["server_ms"])
         if ctx.training and _refused(reply, "reply_lost"):
             # Applied and checkpointed by the server before it restarted; only its gradient is gone. The head
             # skips this one update, the step counts as applied, and training goes on with the next.

@@ -9,6 +9,7 @@ docs/PROTOCOL.md is the normative description of every field.
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from typing import Any, Callable
 
@@ -51,7 +52,8 @@ def _shape(rank: int) -> Check:
 
 
 _is_bool: Check = lambda v: type(v) is bool
-_is_number: Check = lambda v: type(v) in (int, float) and v == v and abs(v) != float("inf")
+# Finite, and within a float's range: a JSON integer of 400 digits is an int here, and float() of it overflows.
+_is_number: Check = lambda v: type(v) in (int, float) and v == v and abs(v) <= sys.float_info.max
 _is_positive: Check = lambda v: _is_number(v) and v > 0
 _is_nonnegative: Check = lambda v: _is_number(v) and v >= 0
 
