@@ -156,10 +156,18 @@ def test_before_the_rate_is_known_and_when_it_is_stale_the_controller_probes():
     estimate.observe_round_trip(10.0)
     probe = controller.choose(estimate, samples=8)
     assert probe.probe and probe.choice == Choice(2, "fp32")  # the fewest bytes that still show the rate
-    _link(1 * MB, rtt_ms=10.0, server_ms=0.0, estimate=estimate)
-    for _ in range(3):  # requests too small to measure the rate
-        estimate.observe(600, 100, 11.0, 0.0)
+    _link(100 * MB, rtt_ms=10.0, server_ms=0.0, estimate=estimate)
+    for _ in range(3):  # requests too small to show a fast link's rate (0.06 ms of transfer each)
+        estimate.observe(600, 100, 10.1, 0.0)
     assert controller.choose(estimate, samples=8).probe
+
+
+def test_on_a_slow_link_small_requests_show_the_rate_and_need_no_probe():
+    estimate = _link(1 * MB, rtt_ms=10.0, server_ms=0.0)
+    for _ in range(12):  # 700 bytes: 5.6 ms of transfer at 1 Mbit/s, plain to see
+        estimate.observe(600, 100, 10.0 + 5.6, 0.0)
+    assert estimate.rate_age == 0 and estimate.rate_bps == pytest.approx(1 * MB, rel=0.01)
+    assert not _controller(50.0, probe_every=3).choose(estimate, samples=8).probe
 
 
 def test_when_every_choice_is_small_it_never_probes():

@@ -11,6 +11,7 @@ function that returns a :class:`~sparse_rt.bench.common.BenchReport`:
 - exchange: one split exchange (train, infer) vs raw pyzmq and the compute alone
 - restart: a server killed or stopped mid-training and resumed: how fast its edges go on, steps lost
 - fuzz: hostile messages at a live server (crashes, hangs, NaN, wrong replies, memory) and many sessions' memory
+- adaptive: inference with a deadline over a link whose rate changes: fixed budgets, the controller, an oracle
 """
 
-SUITES = ("transport", "codec", "e2e", "edges", "link", "exchange", "restart", "fuzz")
+SUITES = ("transport", "codec", "e2e", "edges", "link", "exchange", "restart", "fuzz", "adaptive")

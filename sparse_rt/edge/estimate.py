@@ -21,6 +21,8 @@ from typing import Any
 
 # Messages up to this size (both ways) are sized by their round trip, not by their bytes.
 SMALL_BYTES = 4096
+# ... unless their transfer, at the rate last seen, takes at least this long (and a tenth of the round trip).
+MIN_TRANSFER_MS = 1.0
 
 
 @dataclass
@@ -56,6 +58,13 @@ class LinkEstimate:
         self.rate_age = 0  # observations since the last one that measured the rate (too small ones do not)
         self.changes = 0  # times change detection replaced the rate estimate
 
+    @classmethod
+    def known(cls, rtt_ms: float, rate_bps: float, server_ms: float | None = None) -> "LinkEstimate":
+        """An estimate that is simply right: what a policy that knows the link (a benchmark's oracle) sees."""
+        estimate = cls()
+        estimate._rtt.value, estimate._ms_per_byte.value, estimate._server.value = rtt_ms, 8e3 / rate_bps, server_ms
+        return estimate
+
     @property
     def rtt_ms(self) -> float | None:
         return self._rtt.value
@@ -86,15 +95,17 @@ class LinkEstimate:
             server_ms = min(max(server_ms, 0.0), wait_ms)
             self._server.add(server_ms)
             wait_ms -= server_ms
-        total, per_byte = bytes_up + bytes_down, self._ms_per_byte.value
-        if total <= SMALL_BYTES or self._rtt.value is None:
+        total, per_byte, rtt = bytes_up + bytes_down, self._ms_per_byte.value, self._rtt.value
+        # A small message shows the rate too where its transfer takes long enough to see (1 KiB at 1 Mbit/s: 8 ms).
+        visible = per_byte is not None and rtt is not None and per_byte * total >= max(MIN_TRANSFER_MS, 0.1 * rtt)
+        if rtt is None or (total <= SMALL_BYTES and not visible):
             # The round trip, less the transfer time once the rate is known (4 KiB is 33 ms at 1 Mbit/s).
             self._rtt.add(max(wait_ms - (per_byte or 0.0) * total, 0.0))
             self.rate_age += 1
             return
         # The transfer time is what the round trip leaves; never less than a tenth of the whole, so a round-trip
         # estimate a little high cannot make a large message look free.
-        per_byte = max(wait_ms - self._rtt.value, 0.1 * wait_ms) / total
+        per_byte = max(wait_ms - rtt, 0.1 * wait_ms) / total
         if per_byte > 0:  # a zero wait (a clock's resolution) says nothing of the rate
             self.rate_age = 0
             self._add_rate_sample(per_byte)
