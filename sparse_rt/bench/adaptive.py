@@ -147,17 +147,21 @@ async def run_policy(name: str, pipeline: str, address: str, models: Path, image
                 logits = await edge.infer(x)
                 latency = (time.perf_counter() - began) * 1e3
                 decision = edge.last_decision
-                records.append({"t": round(now, 4), "segment": trace.index(now), "latency_ms": latency,
+                records.append({"t": round(now, 4), "segment": trace.index(now), "latency_ms": round(latency, 2),
                                 "right": int(logits.argmax(1).eq(y).sum()), "samples": len(y),
                                 "bytes": edge.traffic.bytes_sent + edge.traffic.bytes_received - sent,
                                 "budget": decision.choice.budget if decision else edge.budget,
                                 "choice": decision.choice.label if decision else f"{edge.budget}/fp32",
-                                "predicted_ms": decision.predicted_ms if decision else None,
-                                "rate_mbps": edge.session.estimate.snapshot()["rate_mbps"]})
+                                "predicted_ms": _rounded(decision.predicted_ms if decision else None),
+                                "rate_mbps": _rounded(edge.session.estimate.snapshot()["rate_mbps"])})
         finally:
             driver.cancel()
             await asyncio.gather(driver, return_exceptions=True)
     return summarize(name, records, deadline_ms)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def summarize(name: str, records: list[dict[str, Any]], deadline_ms: float) -> dict[str, Any]:
@@ -317,7 +321,7 @@ def command(as_json: bool, out: Path | None, pipeline: str, models: Path | None,
     report = run_adaptive(pipeline, models, data, phases, trace, rtt_ms, deadline_ms, batch)
     if out is not None:  # with every request's record, for the plot and for a second look
         out.mkdir(parents=True, exist_ok=True)
-        (out / "adaptive.json").write_text(json.dumps(report.to_dict(), indent=2))
+        (out / "adaptive.json").write_text(json.dumps(report.to_dict(), separators=(",", ":")))  # ~10,000 records
         plot(report, out / "adaptive.png")
     if as_json:  # one object with a `policies` list (the per-request timelines stay in --out's file)
         click.echo(json.dumps({"suite": "adaptive", "settings": {k: v for k, v in report.settings.items()
