@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
+import zmq
 
 from sparse_rt.data.datasets import load_digits
-from sparse_rt.edge.client import EdgeClient
+from sparse_rt.edge.client import EdgeClient, SyncEdgeClient
 from sparse_rt.edge.controller import Choice, Decision, Option
 from sparse_rt.errors import ConfigError
 from sparse_rt.transport.shaper import Shaper
+from sparse_rt.wire.header import encode_header
 
 BATCH = 16  # digits at the cut: 32 channels of 4x4, 2 KiB a sample in fp32 at full budget
 
@@ -113,3 +116,33 @@ def test_an_edge_node_serves_with_a_deadline_from_the_command_line(start, model_
     chosen = [r for r in records if r["kind"] == "infer"]
     assert chosen and all("choice" in r and "rtt_ms" in r and "predicted_ms" in r for r in chosen)
     assert {r["choice"] for r in chosen} <= {f"{b}/{c}" for b in (32, 8, 2) for c in ("fp32", "fp16", "int8")}
+
+
+def test_the_blocking_client_chooses_per_request_too(model_set, served_set):
+    with SyncEdgeClient("digits_cnn", served_set, model_set=model_set, deadline_ms=200) as edge:
+        for x in _images(3):
+            assert edge.infer(x).shape == (BATCH, 10)
+        assert edge.last_decision is not None and edge.last_latency_ms > 0
+
+
+def test_a_server_that_predates_timing_and_codecs_gets_a_clear_error(model_set):
+    """An older v2 server (here a plain ROUTER answering as one would) refuses the new hello fields."""
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_like_an_old_server() -> None:
+        route, header = router.recv_multipart()
+        request_id = json.loads(header)["id"]
+        router.send_multipart([route, encode_header({"kind": "error", "id": request_id, "code": "bad_header",
+                                                     "message": "'hello' header has unknown field(s) timing, codecs"})])
+
+    old_server = threading.Thread(target=answer_like_an_old_server)
+    old_server.start()
+    try:
+        with pytest.raises(ConfigError, match="predates the handshake's timing and codecs"):
+            SyncEdgeClient("digits_cnn", f"tcp://127.0.0.1:{port}", model_set=model_set, deadline_ms=50, retries=0)
+    finally:
+        old_server.join(timeout=10)
+        router.close(linger=0)
+        context.term()

@@ -351,6 +351,18 @@ class SyncEdgeClient:
     def set_budget(self, budget: int) -> None:
         self.client.set_budget(budget)
 
+    def select(self, choice: Choice) -> None:
+        self.client.select(choice)
+
+    @property
+    def last_decision(self) -> Decision | None:
+        """The policy's choice for the last request (with ``deadline_ms`` or ``policy``)."""
+        return self.client.last_decision
+
+    @property
+    def last_latency_ms(self) -> float | None:
+        return self.client.last_latency_ms
+
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()

@@ -19,7 +19,7 @@ import torch
 
 from sparse_rt.edge.estimate import LinkEstimate
 from sparse_rt.edge.protocol import EdgeProtocol, SessionSettings
-from sparse_rt.errors import ConfigError, SparseRtError
+from sparse_rt.errors import ConfigError, RemoteError, SparseRtError
 from sparse_rt.metrics import MetricsLog, StageTimer
 from sparse_rt.stages.base import StepContext
 from sparse_rt.stages.chain import EdgeChain
@@ -90,7 +90,15 @@ class EdgeSession:
         with timer.stage("wait"):
             header, raw = await self.link.request(request_id, frames)
         with timer.stage("decode"):
-            welcome = decode_reply(header, raw, Welcome)
+            try:
+                welcome = decode_reply(header, raw, Welcome)
+            except RemoteError as exc:
+                asked = [name for name in ("timing", "codecs") if name in exc.reason]
+                if exc.code == "bad_header" and asked and (self.settings.timing or self.settings.codecs):
+                    raise ConfigError(f"the server at {self.link.address} predates the handshake's "
+                                      f"{' and '.join(asked)} (docs/PROTOCOL.md 10): a deadline or a policy needs a "
+                                      "newer server; without deadline_ms/policy this edge works with it") from exc
+                raise
         self.metrics.record(timer, kind="hello", id=request_id, bytes_up=frame_bytes(frames),
                             bytes_down=frame_bytes(raw))
         self.estimate.observe_round_trip(timer.ms["wait"])
