@@ -38,7 +38,7 @@ from sparse_rt.transport.curve import curve_client, load_key_pair, load_public_k
 from sparse_rt.transport.events import ConnectionEvents
 from sparse_rt.transport.link import RequestLink
 from sparse_rt.transport.shaper import Shaper
-from sparse_rt.wire.header import MAX_EXTRA_CODECS
+from sparse_rt.wire.header import MAX_EXTRA_CODECS, entry_name
 
 T = TypeVar("T")
 
@@ -100,8 +100,8 @@ class EdgeClient:
         self.settings = SessionSettings.of_chain(self.chain, self.pipeline.name, mode, resolution)
         self.policy = self._policy(policy, deadline_ms, max_bytes_per_s, model_set, adapt_codecs, lz4)
         if self.policy is not None:  # every encoding the policy may pick is agreed at the handshake
-            others = {o.choice.codec + ("+lz4" if o.choice.lz4 else "") for o in self.policy.options}
-            others.discard(codec + ("+lz4" if lz4 else ""))
+            others = {entry_name((o.choice.codec, o.choice.lz4)) for o in self.policy.options}
+            others.discard(entry_name((codec, lz4)))
             if len(others) > MAX_EXTRA_CODECS:
                 raise ConfigError(f"a session agrees on at most {MAX_EXTRA_CODECS + 1} encodings; the policy's "
                                   f"options use {len(others) + 1}")

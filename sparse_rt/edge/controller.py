@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from sparse_rt.edge.estimate import SMALL_BYTES, Ewma, LinkEstimate
+from sparse_rt.wire.header import entry_name
 
 # Codecs in order of precision: when two choices are equally accurate by the manifest, the more precise wins.
 PRECISION = ("fp32", "fp16", "int8")
@@ -40,7 +41,7 @@ class Choice:
 
     @property
     def label(self) -> str:
-        return f"{self.budget}/{self.codec}{'+lz4' if self.lz4 else ''}"
+        return f"{self.budget}/{entry_name((self.codec, self.lz4))}"
 
 
 @dataclass(frozen=True)

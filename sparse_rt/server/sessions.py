@@ -18,7 +18,7 @@ from typing import Any, Callable
 from sparse_rt.errors import WireError, printable
 from sparse_rt.model.sides import CutShape
 from sparse_rt.wire.codecs import codec_names, get_codec
-from sparse_rt.wire.header import LZ4_SUFFIX
+from sparse_rt.wire.header import codec_entry, entry_name
 from sparse_rt.wire.messages import Activations, Hello
 
 log = logging.getLogger("sparse_rt.server")
@@ -27,17 +27,6 @@ MAX_SESSIONS = 1024  # open sessions at once, all peers together
 MAX_SESSIONS_PER_PEER = 64  # open sessions of one peer (key, or socket without CURVE)
 SESSION_IDLE_SECONDS = 600.0  # a session without a message for this long ends
 DEFAULT_MAX_BATCH = 1024  # samples a message may carry in any codec (it sizes the server's frame limit)
-
-
-def codec_entry(entry: str) -> tuple[str, bool]:
-    """A ``codecs`` entry of a hello as (codec, lz4): ``"int8+lz4"`` is int8 inside an lz4 frame."""
-    return (entry[: -len(LZ4_SUFFIX)], True) if entry.endswith(LZ4_SUFFIX) else (entry, False)
-
-
-def entry_name(encoding: tuple[str, bool]) -> str:
-    """(codec, lz4) as a ``codecs`` entry names it."""
-    codec, lz4 = encoding
-    return codec + LZ4_SUFFIX if lz4 else codec
 
 
 @dataclass

@@ -120,6 +120,17 @@ OPTIONAL: dict[str, dict[str, Check]] = {
 }
 
 
+def codec_entry(entry: str) -> tuple[str, bool]:
+    """A ``codecs`` entry of a hello as (codec, lz4): ``"int8+lz4"`` is int8 inside an lz4 frame."""
+    return (entry[: -len(LZ4_SUFFIX)], True) if entry.endswith(LZ4_SUFFIX) else (entry, False)
+
+
+def entry_name(encoding: tuple[str, bool]) -> str:
+    """(codec, lz4) as a ``codecs`` entry names it."""
+    codec, lz4 = encoding
+    return codec + LZ4_SUFFIX if lz4 else codec
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object with a key twice is ambiguous (which value wins depends on the parser): refuse it."""
     fields = dict(pairs)
