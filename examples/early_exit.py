@@ -1,12 +1,14 @@
-"""Your own edge stage: a confidence early exit between the head and the compressor.
+"""An edge stage in the chain: the runtime's confidence early exit, trained together with the split model.
 
-A small exit classifier (the head's features average-pooled to 2x2, then
-one Linear layer) reads the head's features. In training it adds its own cross-entropy loss (``ctx.add_loss``),
+:class:`~sparse_rt.stages.exit.ConfidenceExit` (the head's features
+average-pooled to 2x2, then one Linear layer) sits between the head and the
+compressor. In training it adds its own cross-entropy loss (``ctx.add_loss``),
 so it trains in the same backward as the server's gradient, and every row
-goes on to the server. In inference it answers the rows it is sure of
-(softmax confidence >= the threshold) itself with ``ctx.answer`` and passes on
-only the others: those rows never leave the device, and a batch it answers
-completely sends nothing at all.
+goes on to the server (`sparse-rt train exit` trains one afterwards
+instead, for each model of a model set, with the head frozen). In inference
+it answers the rows it is sure of (softmax confidence >= the threshold)
+itself with ``ctx.answer`` and passes on only the others: those rows never
+leave the device, and a batch it answers completely sends nothing at all.
 
 The example trains digits_cnn split over a real ZeroMQ socket, then prints
 the accuracy, the share of test samples answered on the device, and the
@@ -23,48 +25,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from sparse_rt import SplitPair, get_pipeline
-from sparse_rt.stages.base import Stage, StepContext
-
-
-class ConfidenceExit(Stage, nn.Module):
-    """Answers confident rows on the device; trains its classifier with the split model in one backward.
-
-    ``threshold`` may be changed at any time: above 1 nothing exits (the
-    model as if the exit were not there), 0 answers every row here. The
-    pool keeps 2x2 places rather than one: a global average pool loses where
-    the strokes are, and measured on digits_cnn it answered only 7-13% of the
-    test digits at 0.9, against about 80% for this one.
-    """
-
-    name = "exit"
-
-    def __init__(self, channels: int, num_classes: int, threshold: float = 0.9, weight: float = 0.5) -> None:
-        nn.Module.__init__(self)
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                                        nn.Linear(channels * 4, num_classes))
-        self.threshold = threshold
-        self.weight = weight  # the exit's loss next to the server's task loss
-        self.answered = 0  # rows answered here in inference, and all rows seen there
-        self.seen = 0
-
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        logits = self.classifier(x)
-        if ctx.training:
-            assert ctx.labels is not None, "a training step carries labels"
-            ctx.add_loss(self.weight * F.cross_entropy(logits, ctx.labels))
-            return x  # every row trains the tail too
-        confident = logits.softmax(dim=1).amax(dim=1) >= self.threshold
-        self.seen += len(x)
-        if not confident.any():
-            return x
-        self.answered += int(confident.sum())
-        ctx.answer(confident, logits[confident], len(x))
-        return x[~confident]  # only these rows go on to the compressor and the network
+from sparse_rt.stages.exit import ConfidenceExit
 
 
 @dataclass

@@ -140,6 +140,13 @@ _shared_training_options = options(
 )
 
 
+# Where `sparse-rt train` cuts the model: any layer split_model accepts (a wrong one is refused with the list).
+_cut_option = click.option(
+    "--cut", metavar="LAYER",
+    help="Cut after this layer instead of the pipeline's cut (an invalid one is refused with the valid cut points). "
+         "prune into an --out that holds a model set adds this cut's models to it.")
+
+
 # Train against a running server instead of one in this process (the edge node's code path).
 _connect_option = options(
     click.option("--connect", help="A running server's address (sparse-rt node --role server), e.g. "
@@ -173,6 +180,7 @@ def train_group() -> None:
 
 @train_group.command("deprune")
 @_shared_training_options
+@_cut_option
 @click.option("--phases", required=True, help="Ascending BUDGET:EPOCHS list, C = all channels, e.g. 4:15,C:7.")
 @click.option("--boost", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Learning-rate factor (gamma) for the first epochs after each budget raise.")
@@ -189,16 +197,55 @@ def train_deprune(phases: str, boost: float, boost_epochs: int, pipeline: str, o
 
 @train_group.command("prune")
 @_shared_training_options
+@_cut_option
 @click.option("--phases", required=True, help="Descending BUDGET:EPOCHS list, e.g. C:30,32:10,4:10.")
 def train_prune(phases: str, pipeline: str, out: Path, **options) -> None:
-    """Train at full budget, then transfer to each smaller budget: one model per budget (a model set)."""
+    """Train at full budget, then transfer to each smaller budget: one model per budget (a model set).
+
+    \b
+    A second cut into the same set (the server then serves both, per request):
+      sparse-rt train prune digits_cnn --phases C:10,8:3,2:3 --out runs/set
+      sparse-rt train prune digits_cnn --phases C:10,8:3 --cut block2 --out runs/set
+    """
     from sparse_rt.train import schedules
 
     _run_schedule("prune", lambda c: schedules.prune(schedules.parse_phases(phases, c)), pipeline, out, **options)
 
 
+@train_group.command("exit")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Epochs of each exit classifier over the frozen head's features.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Your own .npz data instead of the pipeline's (the set's training data).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on stderr.")
+def train_exit(folder: Path, epochs: int, data: Path | None, progress: bool) -> None:
+    """Add an early exit to every model of a model set, its head frozen, with a calibration table per threshold.
+
+    \b
+    Example:
+      sparse-rt train prune cifar_cnn --phases C:8,16:3,8:2,2:3 --out runs/set
+      sparse-rt train exit runs/set
+      sparse-rt node --role edge --mode infer --models runs/set --deadline-ms 50 --early-exit ...
+    """
+    from sparse_rt.train.exits import ExitTraining, train_exits
+
+    manifest = train_exits(folder, data, ExitTraining(epochs=epochs), progress)
+    click.echo(f"{folder}: an early exit for each of {len(manifest['models'])} models")
+    click.echo(f"  {'model':>12}  {'threshold':>9}  {'on device':>9}  {'exit acc':>8}  {'server acc':>10}  "
+               f"{'together':>8}")
+    for model in manifest["models"]:
+        name = f"{model.get('cut', manifest['cut'])}:{model['budget']}"
+        for row in model["exit"]["calibration"]:
+            exit_accuracy, server_accuracy = row["exit_accuracy"], row["server_accuracy"]
+            click.echo(f"  {name:>12}  {row['threshold']:>9g}  {row['share']:>9.1%}  "
+                       f"{'-' if exit_accuracy is None else f'{exit_accuracy:.4f}':>8}  "
+                       f"{'-' if server_accuracy is None else f'{server_accuracy:.4f}':>10}  {row['accuracy']:>8.4f}")
+
+
 @train_group.command("fixed")
 @_shared_training_options
+@_cut_option
 @click.option("--budget", required=True, help="Channels sent throughout (a number, or C for all).")
 @click.option("--epochs", type=click.IntRange(min=1), required=True, help="Training epochs.")
 @_connect_option
@@ -253,23 +300,25 @@ def experiment_prune(phases: str, seeds: int, pipeline: str, out: Path, **option
 
 @cli.group("models")
 def models_group() -> None:
-    """Model sets: one trained model per budget, made by `sparse-rt train prune`."""
+    """Model sets: one trained model per cut and budget, made by `sparse-rt train prune`."""
 
 
 @models_group.command("show")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def models_show(folder: Path) -> None:
-    """Print a model set's manifest as a table."""
-    from sparse_rt.store.modelset import read_manifest
+    """Print a model set's manifest as a table, one row per model (its cut last)."""
+    from sparse_rt.store.modelset import entry_cut, read_manifest
 
     manifest = read_manifest(folder)
     click.echo(f"{manifest['pipeline']}: cut after '{manifest['cut']}', {manifest['channels']} channels, "
                f"resolution {manifest['resolution']}, seed {manifest['seed']}")
-    click.echo(f"  {'budget':>6}  {'accuracy':>8}  {'epochs':>6}  {'fp32 B/sample':>13}  {'fp16':>8}  {'int8':>8}")
+    click.echo(f"  {'budget':>6}  {'accuracy':>8}  {'epochs':>6}  {'fp32 B/sample':>13}  {'fp16':>8}  {'int8':>8}  "
+               f"{'channels':>8}  cut")
     for model in manifest["models"]:
         size = model["bytes_per_sample"]
         click.echo(f"  {model['budget']:>6}  {model['test_accuracy']:>8.4f}  {model['epochs']:>6}  "
-                   f"{size['fp32']:>13.0f}  {size['fp16']:>8.0f}  {size['int8']:>8.1f}")
+                   f"{size['fp32']:>13.0f}  {size['fp16']:>8.0f}  {size['int8']:>8.1f}  "
+                   f"{model.get('channels', manifest['channels']):>8}  {entry_cut(manifest, model)}")
 
 
 def _edges_table(combined: dict) -> str:
@@ -329,6 +378,9 @@ def _edges_table(combined: dict) -> str:
                    "from the link it measures.")
 @click.option("--max-bytes-per-s", type=click.FloatRange(min=0, min_open=True),
               help="Edge, with --deadline-ms: leave out choices that would send more than this.")
+@click.option("--early-exit/--no-early-exit", default=None,
+              help="Edge, with --deadline-ms: the controller may also answer samples on the device with the model "
+                   "set's early exits (`sparse-rt train exit`).  [default: no]")
 @click.option("--json/--no-json", "json", default=None, help="Print one JSON summary object on stdout at the end.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="[default: info]")
 @click.option("--curve-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),

@@ -6,13 +6,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from sparse_rt.assembly import DEFAULT_MAX_LR_SCALE
+from sparse_rt.assembly import DEFAULT_MAX_LR_SCALE, at_cut
 from sparse_rt.errors import ConfigError
 from sparse_rt.pipeline import Pipeline, TrainingSettings
 from sparse_rt.server.sessions import DEFAULT_MAX_BATCH, MAX_SESSIONS, SESSION_IDLE_SECONDS
 from sparse_rt.train.schedules import deprune, parse_phases
 from sparse_rt.wire.codecs import codec_names
-from sparse_rt.wire.header import MAX_CHANNELS
+from sparse_rt.wire.header import MAX_CHANNELS, MAX_CUT_NAME
 
 TRANSPORTS = ("inproc", "ipc")
 
@@ -34,6 +34,7 @@ class RunConfig:
     transport: str = "inproc"  # inproc:// (one process) or ipc:// (a socket file)
     request_timeout: float = 60.0  # seconds without a reply before the edge gives up
     progress: bool = True
+    cut: str | None = None  # the layer to cut after (sparse_rt.model.split.cut_points); None = the pipeline's
 
     def __post_init__(self) -> None:
         if self.codec not in codec_names():
@@ -48,11 +49,20 @@ class RunConfig:
             raise ConfigError(f"resolution must be between 0 (off) and 8, got {self.resolution}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.cut is not None and not (isinstance(self.cut, str) and 0 < len(self.cut) <= MAX_CUT_NAME):
+            raise ConfigError(f"cut must be a layer name of 1 to {MAX_CUT_NAME} characters, got {self.cut!r}")
 
     def resolved(self, pipeline: Pipeline) -> TrainingSettings:
         """This run's training settings: its own where given, ``pipeline``'s defaults otherwise."""
         return TrainingSettings.resolve(pipeline, batch_size=self.batch_size, lr=self.lr, epochs=self.epochs,
                                         resolution=self.resolution)
+
+    def cut_pipeline(self, pipeline: Pipeline) -> Pipeline:
+        """``pipeline`` cut where this run cuts it (its ``cut``, else the pipeline's own), the layer checked now.
+
+        A layer that is no cut point raises SplitError listing the valid ones, before anything is trained.
+        """
+        return at_cut(pipeline, self.cut)
 
 
 ROLES = ("server", "edge")
@@ -92,6 +102,7 @@ class NodeConfig:
     inflight: int = 4  # edge: inference requests in flight at once
     deadline_ms: float | None = None  # edge, inference with a model set: choose budget and codec per request for it
     max_bytes_per_s: float | None = None  # edge, with deadline_ms: a cap on the traffic those choices make
+    early_exit: bool = False  # edge, with deadline_ms: the choices include the model set's early exits
     json: bool = False  # print one JSON summary object on stdout at the end
     log_level: str = "info"
     curve_key: Path | None = None  # this node's NAME.key_secret: CURVE encryption and authentication
@@ -123,6 +134,8 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if self.max_bytes_per_s is not None and self.deadline_ms is None:
             raise ConfigError("--max-bytes-per-s caps what the deadline controller chooses: give --deadline-ms too")
+        if self.early_exit and self.deadline_ms is None:
+            raise ConfigError("--early-exit lets the deadline controller answer on the device: give --deadline-ms too")
         if self.resume and self.checkpoint is None:
             raise ConfigError("--resume needs --checkpoint PATH to resume from")
         if self.shard is not None:

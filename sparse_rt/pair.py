@@ -105,7 +105,7 @@ class SplitPair:
                                                                weight_decay), stages=server_stages)
         server_socket = bind_router(self._context, self.address, shaper=shaper)
         self.address = server_socket.socket.getsockopt_string(zmq.LAST_ENDPOINT)  # the port, for tcp
-        self.server = SplitServer(name, tail, self.cut, num_classes, server_socket)
+        self.server = SplitServer(name, tail, self.cut, num_classes, server_socket, cut_name=cut)
         chain = edge_chain(self.edge_model, lambda params: build_optimizer(params, optimizer, lr, weight_decay),
                            stages=edge_stages, codec=codec, lz4=lz4, grad_codec=grad_codec)
         self.link = RequestLink(connect_dealer(self._context, self.address, shaper=shaper), self.address,

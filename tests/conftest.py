@@ -47,3 +47,28 @@ def served_set(model_set):
     finally:
         server.stop()
         server.finish(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def two_cut_set(tmp_path_factory):
+    """A digits_cnn model set cut at two layers: block1 (32 channels of 4x4; budgets 32 and 8, the set's default
+    cut, in budget-B/) and block2 (64 channels of 2x2; budgets 64 and 8, in block2/budget-B/), trained once per run
+    by two `sparse-rt train prune` runs into one folder."""
+    folder = tmp_path_factory.mktemp("cuts") / "digits"
+    for cut in ("block1", "block2"):
+        with pytest.raises(SystemExit) as info:
+            main(["train", "prune", "digits_cnn", "--phases", "C:2,8:1", "--cut", cut, "--out", str(folder)])
+        assert info.value.code == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served_two_cut_set(two_cut_set):
+    """The address of a `sparse-rt node --role server` serving that two-cut model set."""
+    server = NodeProcess("server", {"pipeline": "digits_cnn", "bind": "tcp://127.0.0.1:*", "models": two_cut_set,
+                                    "json": True})
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+        server.finish(timeout=30)

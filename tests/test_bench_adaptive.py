@@ -17,7 +17,7 @@ def test_the_policies_side_by_side_over_a_rate_drop(capsys, tmp_path, model_set)
     assert code == 0, err
     report = json.loads(out)  # one JSON object on stdout
     policies = {p["name"]: p for p in report["policies"]}
-    assert list(policies) == ["fixed-32", "fixed-8", "fixed-2", "controller", "oracle"]
+    assert list(policies) == ["fixed-32", "fixed-8", "fixed-2", "controller", "controller+exit", "oracle"]
     for policy in policies.values():
         assert set(COLUMNS) <= set(policy) and "timeline" not in policy
         assert policy["requests"] > 10
@@ -27,6 +27,10 @@ def test_the_policies_side_by_side_over_a_rate_drop(capsys, tmp_path, model_set)
     sizes = [policies[name]["mean_bytes_per_sample"] for name in ("fixed-32", "fixed-8", "fixed-2")]
     assert sizes == sorted(sizes, reverse=True)
     assert sizes[2] < policies["controller"]["mean_bytes_per_sample"] < sizes[0]
+    # Only the policies with exits answer on the device; at 1 Mbit/s controller+exit does (the set's exits are
+    # 0.96 accurate on digits), and the answers of each path are counted apart.
+    assert all(policies[name]["exit_share"] == 0 for name in ("fixed-32", "fixed-8", "fixed-2", "controller"))
+    assert policies["controller+exit"]["exit_share"] > 0.05 and policies["controller+exit"]["exit_accuracy"] > 0.8
     switches = [n for n in policies["controller"]["switch_requests"] if n is not None]
     assert switches and all(n <= 5 for n in switches), policies["controller"]["switch_requests"]
     saved = {row["policy"]: row["timeline"] for row in json.loads((tmp_path / "adaptive.json").read_text())["rows"]}
@@ -38,7 +42,7 @@ def test_the_policies_side_by_side_over_a_rate_drop(capsys, tmp_path, model_set)
 
     # At 1 Mbit/s, 8 images of 32 channels (16 KiB) take 130 ms: the full budget misses, the controller adapts.
     assert slow_hits("fixed-32") < 0.2
-    assert slow_hits("controller") > 0.6 and slow_hits("oracle") > 0.6
+    assert slow_hits("controller") > 0.6 and slow_hits("oracle") > 0.6 and slow_hits("controller+exit") > 0.6
     assert (tmp_path / "adaptive.png").stat().st_size > 10_000
 
 
@@ -54,3 +58,15 @@ def test_a_trace_is_rates_and_durations():
 
 def test_a_bad_trace_is_a_usage_error(capsys):
     assert "MBPS:SECONDS" in bench_usage_error(capsys, "adaptive", "--trace", "100")
+
+
+def test_a_set_with_two_cuts_gives_a_fixed_policy_per_model_each_named_by_its_cut(two_cut_set):
+    from sparse_rt.bench.adaptive import _model_order, fixed_choice, fixed_name, values_per_sample
+    from sparse_rt.edge.controller import Choice
+    from sparse_rt.store.modelset import read_manifest
+
+    values = values_per_sample(read_manifest(two_cut_set))  # budget x h x w: 4x4 after block1, 2x2 after block2
+    assert values == {(None, 32): 512, (None, 8): 128, ("block2", 64): 256, ("block2", 8): 32}
+    names = [fixed_name(model) for model in sorted(values, key=_model_order)]
+    assert names == ["fixed-32", "fixed-8", "fixed-block2:64", "fixed-block2:8"]
+    assert fixed_choice("fixed-block2:8") == Choice(8, cut="block2") and fixed_choice("fixed-32") == Choice(32)

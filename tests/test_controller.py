@@ -192,3 +192,34 @@ def test_bad_settings_are_refused():
         _controller(10.0, probe_every=0)
     with pytest.raises(ValueError):
         LinkEstimate(change_ratio=1.0)
+
+
+EXIT_MANIFEST = {"models": [
+    {**MANIFEST["models"][0], "exit": {"calibration": [  # budget 64's exit: on the device, 0.50 for every sample
+        {"threshold": 0.0, "share": 1.0, "accuracy": 0.50}, {"threshold": 0.5, "share": 0.5, "accuracy": 0.58},
+        {"threshold": 0.99, "share": 0.0, "accuracy": 0.60}]}},
+    *MANIFEST["models"][1:]]}
+
+
+@pytest.mark.parametrize("rate_mbps, rtt_ms, expected", [
+    (100, 10.0, Choice(64, "fp32")),  # the network is fast: the best model, every sample to the server
+    (1, 10.0, Choice(64, "fp32", exit=0.0)),  # only 2 channels fit (0.45): the exit alone is better (0.50)
+    (100, 60.0, Choice(64, "fp32", exit=0.0)),  # no round trip fits in 50 ms: answer on the device or miss
+])
+def test_an_exit_is_chosen_when_it_is_the_most_accurate_way_to_meet_the_deadline(rate_mbps, rtt_ms, expected):
+    options = options_from_manifest(EXIT_MANIFEST, exits=True)
+    assert not any(o.choice.exit == 0.99 for o in options)  # a threshold nothing passes is the plain model
+    controller = DeadlineController(options, 50.0, classes=10)
+    decision = controller.choose(_link(rate_mbps * MB, rtt_ms=rtt_ms, server_ms=0.0), samples=8)
+    assert decision.choice == expected and decision.meets
+
+
+def test_an_exit_option_sends_only_the_share_that_does_not_exit():
+    options = {o.choice: o for o in options_from_manifest(EXIT_MANIFEST, exits=True)}
+    half = options[Choice(64, "fp16", exit=0.5)]
+    assert half.bytes_per_sample == 64 * 128.0 * 0.5 and half.exit_share == 0.5
+    controller = DeadlineController(list(options.values()), 50.0, classes=10)
+    estimate = _link(10 * MB, rtt_ms=10.0, server_ms=0.0)
+    assert controller.predict_ms(half, estimate, 8) == pytest.approx(
+        estimate.predict_ms(256 + 8 * 64 * 128 // 2, 128 + 4 * 4 * 10))
+    assert controller.predict_ms(options[Choice(64, "fp32", exit=0.0)], estimate, 8) == 0.0  # nothing is sent

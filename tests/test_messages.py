@@ -191,3 +191,35 @@ def test_the_longest_codecs_list_is_accepted():
     entries = ["fp32", "fp16", "int8", "fp32+lz4", "fp16+lz4", "int8+lz4", "x" * 16 + "+lz4", "y" * 20]
     assert decode_message(_replace_header(HELLO, codecs=entries)).codecs == tuple(entries)
     assert decode_message(_replace_header(GRAD, server_ms=12)).server_ms == 12.0
+
+
+# ---- optional addition within v2: cut ------------------------------------------------------------------------
+
+def test_cut_round_trips_in_hello_train_and_infer_and_is_sent_only_when_given():
+    hello = Hello(1, "digits_cnn", 64, 8, "fp32", False, "infer", cut="block2")
+    assert _header(_frames(hello))["cut"] == "block2" and decode_message(_frames(hello)) == hello
+    assert "cut" not in _header(HELLO) and decode_message(HELLO).cut is None
+    for labels in (None, torch.tensor([1, 2, 3, 4])):
+        message = _activations(labels)
+        assert "cut" not in _header(_frames(message)) and decode_message(_frames(message)).cut is None
+        message.cut = "features.3"
+        header = _header(_frames(message))
+        assert header["cut"] == "features.3" and decode_message(_frames(message)).cut == "features.3"
+    longest = _activations()
+    longest.cut = "c" * 64
+    assert decode_message(_frames(longest)).cut == "c" * 64
+
+
+INFER = _frames(_activations())
+
+
+@pytest.mark.parametrize("frames", [
+    _replace_header(HELLO, cut=""), _replace_header(HELLO, cut="c" * 65), _replace_header(HELLO, cut=3),
+    _replace_header(HELLO, cut=None), _replace_header(HELLO, cut=["block1"]),
+    _replace_header(INFER, cut=""), _replace_header(INFER, cut="c" * 65), _replace_header(TRAIN, cut=True),
+    _replace_header(GRAD, cut="block1"), _replace_header(PRED, cut="block1"),  # replies never carry it
+])
+def test_a_bad_cut_is_refused(frames):
+    with pytest.raises(WireError) as info:
+        decode_message(frames)
+    assert info.value.code == "bad_header", str(info.value)

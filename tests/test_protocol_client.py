@@ -36,8 +36,9 @@ LIMITS = ("max_batch", "max_frame_bytes", "max_lr_scale", "session_idle_s", "ses
 ERROR_CODES = {                                    # section 7
     "bad_header", "bad_version", "bad_kind", "bad_frames", "bad_frame", "bad_shape", "bad_indices",
     "bad_budget", "bad_labels", "bad_codec", "bad_message", "too_large", "unknown_session", "wrong_mode",
-    "stale_step", "handshake_refused", "busy", "bad_step", "bad_output", "reply_lost", "internal",
+    "stale_step", "handshake_refused", "busy", "bad_step", "bad_output", "reply_lost", "internal", "bad_cut",
 }
+MAX_CUT_NAME = 64                                  # sections 4.1, 4.3, 4.4: `cut` is a string(64)
 
 
 def _largest_int8_scale() -> np.float32:
@@ -165,7 +166,10 @@ def is_codec_list(value) -> bool:
 # Fields a kind may leave out (section 3: "marked optional"; sections 4.1 to 4.6).
 OPTIONAL_FIELD_CHECKS = {
     "hello": {"grad_codec": lambda x: is_string(x, 16), "grad_lz4": lambda x: type(x) is bool,
-              "resume": lambda x: is_string(x, 64), "timing": lambda x: type(x) is bool, "codecs": is_codec_list},
+              "resume": lambda x: is_string(x, 64), "timing": lambda x: type(x) is bool, "codecs": is_codec_list,
+              "cut": lambda x: is_string(x, MAX_CUT_NAME)},
+    "train": {"lr_scale": lambda x: is_number(x) and 0 < x <= 100, "cut": lambda x: is_string(x, MAX_CUT_NAME)},
+    "infer": {"cut": lambda x: is_string(x, MAX_CUT_NAME)},
     "grad": {"server_ms": lambda x: is_number(x) and x >= 0},
     "pred": {"server_ms": lambda x: is_number(x) and x >= 0},
 }
@@ -294,7 +298,7 @@ def smallest_label_dtype(labels: np.ndarray) -> str:
 
 def hello_frames(request_id: int, pipeline: str, channels: int, budget: int, codec: str, use_lz4: bool,
                  mode: str, resolution: int, resume: str | None = None, timing: bool = False,
-                 codecs: list[str] | None = None) -> list[bytes]:
+                 codecs: list[str] | None = None, cut: str | None = None) -> list[bytes]:
     """The hello of section 4.1; optional fields are sent as given (a test may send malformed ones)."""
     header = {"v": PROTOCOL_VERSION, "kind": "hello", "id": request_id, "pipeline": pipeline, "channels": channels,
               "budget": budget, "codec": codec, "lz4": use_lz4, "mode": mode, "resolution": resolution}
@@ -304,6 +308,8 @@ def hello_frames(request_id: int, pipeline: str, channels: int, budget: int, cod
         header["timing"] = True
     if codecs is not None:                                  # section 4.1: inference sessions only
         header["codecs"] = codecs
+    if cut is not None:                                     # section 4.1: only for a cut other than the default
+        header["cut"] = cut
     return [encode_header(header)]
 
 
@@ -312,19 +318,23 @@ def bye_frames(request_id: int, session: str) -> list[bytes]:
 
 
 def infer_frames(request_id: int, session: str, codec: str, use_lz4: bool, channels: int,
-                 indices, values: np.ndarray) -> list[bytes]:
+                 indices, values: np.ndarray, cut: str | None = None) -> list[bytes]:
     header = {"v": PROTOCOL_VERSION, "kind": "infer", "id": request_id, "session": session, "codec": codec, "lz4": use_lz4,
               "shape": [int(s) for s in values.shape], "channels": channels}
+    if cut is not None:                                     # section 4.4: only for a cut other than the session's
+        header["cut"] = cut
     return [encode_header(header), np.asarray(indices, "<u2").tobytes(), pack(values, codec, use_lz4)]
 
 
 def train_frames(request_id: int, session: str, codec: str, use_lz4: bool, channels: int, indices,
-                 values: np.ndarray, labels, step: int) -> list[bytes]:
+                 values: np.ndarray, labels, step: int, cut: str | None = None) -> list[bytes]:
     labels = np.asarray(labels)
     label_dtype = smallest_label_dtype(labels)
     header = {"v": PROTOCOL_VERSION, "kind": "train", "id": request_id, "session": session, "codec": codec, "lz4": use_lz4,
               "shape": [int(s) for s in values.shape], "channels": channels, "step": step,
               "label_dtype": label_dtype}
+    if cut is not None:                                     # section 4.3: = the session's cut
+        header["cut"] = cut
     return [encode_header(header), np.asarray(indices, "<u2").tobytes(), pack(values, codec, use_lz4),
             labels.astype(LABEL_DTYPES[label_dtype]).tobytes()]
 
@@ -413,10 +423,10 @@ class ProtocolClient:
 
     def welcome(self, pipeline: str, channels: int, budget: int, codec: str = "fp32", use_lz4: bool = False,
                 mode: str = "infer", resolution: int = 0, resume: str | None = None, timing: bool = False,
-                codecs: list[str] | None = None) -> dict:
+                codecs: list[str] | None = None, cut: str | None = None) -> dict:
         """The whole welcome header (section 4.2)."""
         header, _ = self.exchange(hello_frames(self.next_id(), pipeline, channels, budget, codec, use_lz4, mode,
-                                               resolution, resume, timing, codecs))
+                                               resolution, resume, timing, codecs, cut))
         if header["kind"] != "welcome" or header["channels"] != channels:
             raise MalformedReply(f"hello answered with {header}")
         if not header["resumed"] and header["next_step"] != 0:
@@ -424,29 +434,31 @@ class ProtocolClient:
         return header
 
     def hello(self, pipeline: str, channels: int, budget: int, codec: str = "fp32", use_lz4: bool = False,
-              mode: str = "infer", resolution: int = 0, timing: bool = False, codecs: list[str] | None = None) -> str:
+              mode: str = "infer", resolution: int = 0, timing: bool = False, codecs: list[str] | None = None,
+              cut: str | None = None) -> str:
         return self.welcome(pipeline, channels, budget, codec, use_lz4, mode, resolution, timing=timing,
-                            codecs=codecs)["session"]
+                            codecs=codecs, cut=cut)["session"]
 
     def bye(self, session: str) -> None:
         header, _ = self.exchange(bye_frames(self.next_id(), session))
         if header["kind"] != "bye" or header["session"] != session:
             raise MalformedReply(f"bye answered with {header}")
 
-    def infer(self, session: str, codec: str, use_lz4: bool, channels: int, indices, values) -> np.ndarray:
-        return self.infer_with_header(session, codec, use_lz4, channels, indices, values)[1]
+    def infer(self, session: str, codec: str, use_lz4: bool, channels: int, indices, values,
+              cut: str | None = None) -> np.ndarray:
+        return self.infer_with_header(session, codec, use_lz4, channels, indices, values, cut)[1]
 
     def infer_with_header(self, session: str, codec: str, use_lz4: bool, channels: int, indices,
-                          values) -> tuple[dict, np.ndarray]:
+                          values, cut: str | None = None) -> tuple[dict, np.ndarray]:
         header, logits = self.exchange(infer_frames(self.next_id(), session, codec, use_lz4, channels, indices,
-                                                    values))
+                                                    values, cut))
         if header["kind"] != "pred" or header["session"] != session or header["shape"][0] != values.shape[0]:
             raise MalformedReply(f"infer answered with {header}")
         return header, logits
 
     def train(self, session: str, codec: str, use_lz4: bool, channels: int, indices, values, labels,
-              step: int) -> tuple[dict, np.ndarray, list[bytes]]:
-        frames = train_frames(self.next_id(), session, codec, use_lz4, channels, indices, values, labels, step)
+              step: int, cut: str | None = None) -> tuple[dict, np.ndarray, list[bytes]]:
+        frames = train_frames(self.next_id(), session, codec, use_lz4, channels, indices, values, labels, step, cut)
         header, payload = self.exchange(frames)
         if header["kind"] != "grad" or header["session"] != session or header["step"] != step:
             raise MalformedReply(f"train answered with {header}")
@@ -861,6 +873,108 @@ def test_an_inference_session_with_codecs_switches_codec_per_request(client, ref
         assert client.socket.poll(10000), f"no answer to a hello with codecs {bad!r}"
         header, _ = decode_reply(client.socket.recv_multipart())
         assert (header["kind"], header.get("code"), header["id"]) == ("error", "bad_header", 0), (bad, header)
+
+
+CUT = "block1"   # the layer PIPELINE is cut after (its Pipeline.cut), as a client names it (section 4, "Cuts")
+
+
+def test_a_server_with_one_cut_accepts_its_own_cut_by_name_and_refuses_any_other(client, reference):
+    """Sections 4.1, 4.3, 4.4 and 6.2: `cut` may name the server's one cut; any other is refused."""
+    rng = np.random.default_rng(15)
+    welcome = client.welcome(PIPELINE, CHANNELS, budget=8, cut=CUT)
+    assert (welcome["channels"], welcome["sent_height"], welcome["sent_width"]) == (CHANNELS, SIDE, SIDE)
+    session = welcome["session"]
+    indices, values = _batch(rng, 3, 5)
+    for cut in (CUT, None):
+        np.testing.assert_allclose(client.infer(session, "fp32", False, CHANNELS, indices, values, cut),
+                                   reference(values, indices), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ProtocolError) as other:
+        client.infer(session, "fp32", False, CHANNELS, indices, values, cut="block2")
+    assert other.value.code == "bad_cut" and CUT in other.value.message, other.value
+    with pytest.raises(ProtocolError) as hello:
+        client.hello(PIPELINE, CHANNELS, budget=8, cut="block2")
+    assert hello.value.code == "handshake_refused" and CUT in hello.value.message, hello.value
+    trainer = client.hello(PIPELINE, CHANNELS, budget=8, mode="train")
+    with pytest.raises(ProtocolError) as step:          # refused before it is applied (6.2): nothing trains here
+        client.train(trainer, "fp32", False, CHANNELS, indices, values, [1, 2, 3], step=0, cut="block2")
+    assert step.value.code == "bad_cut", step.value
+    for bad in ("", "c" * (MAX_CUT_NAME + 1), 3, None, [CUT]):       # not a string(64): section 3
+        for frames in (hello_frames(client.next_id(), PIPELINE, CHANNELS, 8, "fp32", False, "infer", 0),
+                       infer_frames(client.next_id(), session, "fp32", False, CHANNELS, indices, values)):
+            header = json.loads(frames[0])
+            header["cut"] = bad
+            client.socket.send_multipart([encode_header(header), *frames[1:]])
+            assert client.socket.poll(10000), f"no answer to a {header['kind']} with cut {bad!r}"
+            reply, _ = decode_reply(client.socket.recv_multipart())
+            assert (reply["kind"], reply.get("code"), reply["id"]) == ("error", "bad_header", 0), (bad, reply)
+
+
+@pytest.fixture(scope="module")
+def two_cut_reference(two_cut_set):
+    """The model set's tails, rebuilt: (cut, budget, values, indices) -> logits."""
+    import torch
+
+    from sparse_rt.pipeline import get_pipeline
+    from sparse_rt.store.modelset import load_model_sets
+
+    tails = load_model_sets(two_cut_set, get_pipeline(PIPELINE), "tail")
+
+    def logits(cut: str, budget: int, values: np.ndarray, indices) -> np.ndarray:
+        with torch.no_grad():
+            return tails.models[cut, budget](torch.from_numpy(np.ascontiguousarray(values, np.float32)),
+                                             torch.as_tensor(np.asarray(indices), dtype=torch.int64)).numpy()
+
+    return logits
+
+
+def test_a_model_set_with_two_cuts_answers_both_on_one_session(served_two_cut_set, two_cut_reference, context):
+    """Sections 4.4 and 6.2.1: one hello, then `infer` at any held (cut, budget), each checked against its cut."""
+    edge = ProtocolClient(context, served_two_cut_set)
+    rng = np.random.default_rng(16)
+    held = {"block1": (32, 4), "block2": (64, 2)}                  # C and h = w at each cut of the set
+
+    def batch(cut: str, budget: int, n: int = 3):
+        channels, side = held[cut]
+        indices = np.sort(rng.choice(channels, size=budget, replace=False))
+        return channels, indices, rng.standard_normal((n, budget, side, side)).astype(np.float32)
+
+    try:
+        welcome = edge.welcome(PIPELINE, 32, budget=8)                # no cut: the set's default cut
+        assert (welcome["channels"], welcome["sent_height"], welcome["sent_width"]) == (32, 4, 4)
+        session = welcome["session"]
+        for cut, budget in (("block1", 8), ("block2", 8), ("block2", 64), (None, 32), ("block2", 8)):
+            channels, indices, values = batch(cut or "block1", budget)
+            header, logits = edge.infer_with_header(session, "fp32", False, channels, indices, values, cut)
+            assert header["session"] == session
+            np.testing.assert_allclose(logits, two_cut_reference(cut or "block1", budget, values, indices),
+                                       atol=1e-4, rtol=1e-4)
+        refusals = [
+            (("block3", *batch("block2", 8)), "bad_cut", "block1, block2"),
+            (("block2", *batch("block2", 32)), "bad_budget", "8, 64"),
+            (("block2", 32, np.arange(8), batch("block2", 8)[2]), "bad_budget", None),   # C is block1's
+            (("block2", *batch("block1", 8)), "bad_budget", None),
+            ((None, *batch("block2", 8)), "bad_budget", None),                   # the session's cut is block1
+        ]
+        _, indices, values = batch("block1", 8)
+        refusals.append((("block2", 64, indices, values), "bad_shape", "2x2"))   # block1's 4x4 at block2
+        for (cut, channels, indices, values), code, text in refusals:
+            with pytest.raises(ProtocolError) as refused:
+                edge.infer(session, "fp32", False, channels, indices, values, cut)
+            assert refused.value.code == code and (text is None or text in refused.value.message), refused.value
+        channels, indices, values = batch("block2", 64)
+        np.testing.assert_allclose(edge.infer(session, "fp32", False, channels, indices, values, "block2"),
+                                   two_cut_reference("block2", 64, values, indices), atol=1e-4, rtol=1e-4)
+
+        at_block2 = edge.welcome(PIPELINE, 64, budget=8, cut="block2")  # a session that starts at block2
+        assert (at_block2["channels"], at_block2["sent_height"], at_block2["sent_width"]) == (64, 2, 2)
+        channels, indices, values = batch("block2", 8)
+        np.testing.assert_allclose(edge.infer(at_block2["session"], "fp32", False, channels, indices, values),
+                                   two_cut_reference("block2", 8, values, indices), atol=1e-4, rtol=1e-4)
+        with pytest.raises(ProtocolError) as unknown:
+            edge.hello(PIPELINE, 64, budget=8, cut="block3")
+        assert unknown.value.code == "handshake_refused" and "block1, block2" in unknown.value.message
+    finally:
+        edge.close()
 
 
 def test_a_version_1_client_reads_its_refusal_in_version_1(client):

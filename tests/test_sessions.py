@@ -156,3 +156,104 @@ def test_timing_and_codecs_survive_a_checkpoint_and_old_checkpoints_load():
     legacy = SessionTable(ServedCut("digits_cnn", CUT, 10, 0))
     legacy.restore(old)  # a checkpoint written before timing and codecs
     assert all(not s.timing and s.codecs == frozenset() for s in legacy.sessions.values())
+
+
+# ---- cuts: a session starts at one, a request may name another the server holds ----------------------------
+
+BLOCK2 = CutShape(64, 2, 2, 2, 2)
+
+
+def _two_cuts(**options) -> SessionTable:
+    """A model set at block1 (budgets 8, 32) and block2 (budgets 8, 64), block1 its default."""
+    return SessionTable(ServedCut("digits_cnn", CUT, 10, 0, frozenset({8, 32}), trains=False, name="block1",
+                                  cuts={"block2": BLOCK2}, cut_budgets={"block2": frozenset({8, 64})}), **options)
+
+
+def _at(session: str, cut: str | None, channels: int, budget: int, side: int, labels=None) -> Activations:
+    return Activations(5, session, "fp32", False, channels, torch.arange(budget), torch.randn(2, budget, side, side),
+                       labels, cut=cut)
+
+
+def test_a_model_set_with_two_cuts_checks_each_request_against_its_own_cut():
+    table = _two_cuts()
+    session = table.open(b"peer", Hello(1, "digits_cnn", 32, 8, "fp32", False, "infer"))
+    assert session.cut == "block1"  # no cut in the hello: the default
+    for request in (_at(session.id, None, 32, 8, 4), _at(session.id, "block1", 32, 32, 4),
+                    _at(session.id, "block2", 64, 8, 2), _at(session.id, "block2", 64, 64, 2)):
+        assert table.session_for(b"peer", request) is session
+    refusals = [
+        (_at(session.id, "block3", 64, 8, 2), "bad_cut", "cut 'block3' is not served here; this server serves "
+                                                         "block1, block2"),
+        (_at(session.id, "block2", 64, 32, 2), "bad_budget", "budget 32 is not in this model set at cut 'block2'; "
+                                                             "it holds 8, 64"),
+        (_at(session.id, "block2", 32, 8, 2), "bad_budget", "of 64 channels, got 8 of 32"),
+        (_at(session.id, "block2", 64, 8, 4), "bad_shape", "expected channels of 2x2"),
+        (_at(session.id, None, 32, 64, 4), "bad_budget", "budget 64 is not in this model set at cut 'block1'"),
+    ]
+    for request, code, text in refusals:
+        with pytest.raises(WireError) as refused:
+            table.session_for(b"peer", request)
+        assert refused.value.code == code and text in str(refused.value), str(refused.value)
+
+
+def test_a_hello_opens_at_a_held_cut_only_and_resuming_compares_the_cut():
+    table = _two_cuts()
+    at_block2 = table.open(b"peer", Hello(1, "digits_cnn", 64, 8, "fp32", False, "infer", cut="block2"))
+    assert at_block2.cut == "block2" and table.served.shape(at_block2.cut) == BLOCK2
+    assert table.session_for(b"peer", _at(at_block2.id, None, 64, 8, 2)) is at_block2  # its requests: block2's
+    with pytest.raises(WireError, match="this server serves block1, block2") as unknown:
+        table.open(b"peer", Hello(2, "digits_cnn", 32, 8, "fp32", False, "infer", cut="block9"))
+    assert unknown.value.code == "handshake_refused"
+    with pytest.raises(WireError, match="budget 32 is not in this model set at cut 'block2'; it holds 8, 64"):
+        table.open(b"peer", Hello(3, "digits_cnn", 64, 32, "fp32", False, "infer", cut="block2"))
+    hidden = _two_cuts(reveal=False)  # a server open to strangers says nothing about its model
+    with pytest.raises(WireError, match=r"^handshake refused \(the server's log says why\)$"):
+        hidden.open(b"peer", Hello(4, "digits_cnn", 32, 8, "fp32", False, "infer", cut="block9"))
+
+    default = table.open(b"peer", Hello(5, "digits_cnn", 32, 8, "fp32", False, "infer"))
+    named = Hello(6, "digits_cnn", 32, 8, "fp32", False, "infer", resume=default.id, cut="block1")
+    assert table.handshake(b"peer", named) == (default, True)  # the default cut, named or not
+    elsewhere = Hello(7, "digits_cnn", 64, 8, "fp32", False, "infer", resume=default.id, cut="block2")
+    fresh, resumed = table.handshake(b"peer", elsewhere)
+    assert not resumed and fresh.cut == "block2" and default.id not in table.sessions
+
+
+def test_a_server_with_one_cut_accepts_its_own_name_only_and_a_training_step_its_sessions_cut():
+    named = SessionTable(ServedCut("digits_cnn", CUT, 10, 0, name="block1"))
+    session = named.open(b"peer", Hello(1, "digits_cnn", 32, 4, "fp32", False, "train", cut="block1"))
+    labels = torch.tensor([1, 2])
+    assert named.session_for(b"peer", _at(session.id, "block1", 32, 4, 4, labels)) is session
+    with pytest.raises(WireError, match="this server serves block1$") as other:
+        named.session_for(b"peer", _at(session.id, "block2", 64, 4, 2))
+    assert other.value.code == "bad_cut"
+    with pytest.raises(WireError, match="cut 'block2' is not served here; this server serves block1$") as hello:
+        named.open(b"peer", Hello(2, "digits_cnn", 64, 4, "fp32", False, "train", cut="block2"))
+    assert hello.value.code == "handshake_refused"
+
+    unnamed = SessionTable(ServedCut("digits_cnn", CUT, 10, 0))
+    plain = unnamed.open(b"peer", _hello())
+    with pytest.raises(WireError, match="this server does not name its cut: leave cut out") as any_cut:
+        unnamed.session_for(b"peer", _at(plain.id, "block1", 32, 4, 4))
+    assert any_cut.value.code == "bad_cut"
+    with pytest.raises(WireError, match="does not name its cut"):
+        unnamed.open(b"peer", Hello(2, "digits_cnn", 32, 4, "fp32", False, "train", cut="block1"))
+
+    # a server that trains at two cuts (none in sparse-rt does; the rule holds anyway): a step keeps its session's
+    both = SessionTable(ServedCut("digits_cnn", CUT, 10, 0, name="block1", cuts={"block2": BLOCK2}))
+    training = both.open(b"peer", _hello())
+    with pytest.raises(WireError, match="trains at cut 'block1', this step is cut at 'block2'") as moved:
+        both.session_for(b"peer", _at(training.id, "block2", 64, 4, 2, labels))
+    assert moved.value.code == "bad_cut"
+    assert both.session_for(b"peer", _at(training.id, "block2", 64, 4, 2)) is training  # inference may
+
+
+def test_the_cut_survives_a_checkpoint_and_old_checkpoints_load_at_the_default_cut():
+    table = _two_cuts()
+    session = table.open(b"peer", Hello(1, "digits_cnn", 64, 8, "fp32", False, "infer", cut="block2"))
+    saved = table.snapshot()
+    restored = _two_cuts()
+    restored.restore(saved)
+    assert restored.sessions[session.id].cut == "block2"
+    legacy = _two_cuts()
+    legacy.restore([{k: v for k, v in entry.items() if k != "cut"} for entry in saved])
+    assert legacy.sessions[session.id].cut == "block1"

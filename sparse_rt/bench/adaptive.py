@@ -10,23 +10,31 @@ through the shaper with the whole round trip as their delay; the replies
 
 Each policy runs the whole trace from its start, in turn:
 
-- ``fixed-B``: every request at budget B in fp32, for every budget of the set;
+- ``fixed-B``: every request at budget B in fp32, for every budget of the set
+  (``fixed-LAYER:B`` for a model cut at another layer than the set's default);
 - ``controller``: the deadline controller (edge/controller.py), which knows
   only what its own requests show;
+- ``controller+exit``: the same, also choosing an early exit and its
+  threshold per request (the set's exits, `sparse-rt train exit`; trained
+  here on a copy of the set when it has none);
 - ``oracle``: the same choice rule given the true rate and round trip of the
-  segment at every request (it knows the trace), and the compute it measured.
+  segment at every request (it knows the trace), and the compute it
+  measured, choosing among every option the exits included.
 
 Per policy: ``deadline_hit_rate`` (share of requests answered within the
 deadline), ``accuracy`` (of the answers given), ``mean_bytes_per_sample``
-(bytes up + down at the edge's socket per image), p50/p99 latency, and for
-the adaptive policies ``switch_requests``: after each change of rate, the
-requests until the choice changed (None where it did not need to).
+(bytes up + down at the edge's socket per image), p50/p99 latency, the
+share of images answered on the device (``exit_share``) with the accuracy of
+each path (``exit_accuracy``, ``server_accuracy``), and for the adaptive
+policies ``switch_requests``: after each change of rate, the requests until
+the choice changed (None where it kept its choice).
 """
 from __future__ import annotations
 
 import asyncio
 import bisect
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,18 +48,19 @@ from sparse_rt.bench.common import (BenchReport, PipelineList, percentile, pyplo
                                     stop_server)
 from sparse_rt.config import RunConfig
 from sparse_rt.edge.client import EdgeClient
-from sparse_rt.edge.controller import DeadlineController, Decision, options_from_manifest
+from sparse_rt.edge.controller import Choice, DeadlineController, Decision, options_from_manifest
 from sparse_rt.edge.estimate import LinkEstimate
 from sparse_rt.errors import DataError
 from sparse_rt.pipeline import get_pipeline
-from sparse_rt.store.modelset import read_manifest
+from sparse_rt.store.modelset import entry_cut, read_manifest
 from sparse_rt.train.local import load_data
 from sparse_rt.transport.shaper import Shaper
 
 DEFAULT_TRACE = "100:20,5:20,50:20,1:20"  # Mbit/s : seconds
 DEFAULT_PHASES = "C:8,16:3,8:2,2:3"  # the bench's own model set, when none is given (about a minute on 2 cores)
 COLUMNS = ("policy", "requests", "deadline_hit_rate", "accuracy", "mean_bytes_per_sample", "p50_ms", "p99_ms",
-           "switch_requests")
+           "exit_share", "exit_accuracy", "server_accuracy", "switch_requests")
+ADAPTIVE = ("controller", "controller+exit", "oracle")
 TARGET_HIT_RATE = 0.95
 REQUEST_TIMEOUT = 60.0
 
@@ -124,17 +133,18 @@ async def run_policy(name: str, pipeline: str, address: str, models: Path, image
     shaper = Shaper(trace.segments[0].mbps * 1e6, rtt_ms / 1e3)
     options: dict[str, Any] = {}
     started = [0.0]
-    if name == "controller":
-        options["deadline_ms"] = deadline_ms
+    if name in ("controller", "controller+exit"):
+        options.update(deadline_ms=deadline_ms, early_exit=name == "controller+exit")
     elif name == "oracle":
         manifest = read_manifest(models)
-        options["policy"] = Oracle(options_from_manifest(manifest), deadline_ms, trace=trace, rtt_ms=rtt_ms,
-                                   started=started, classes=get_pipeline(pipeline).num_classes)
-    else:
-        options["budget"] = int(name.removeprefix("fixed-"))
+        options["policy"] = Oracle(options_from_manifest(manifest, exits=True), deadline_ms, trace=trace,
+                                   rtt_ms=rtt_ms, started=started, classes=get_pipeline(pipeline).num_classes)
     records = []
+    values = values_per_sample(read_manifest(models))
     async with EdgeClient(pipeline, address, model_set=models, shaper=shaper, timeout=REQUEST_TIMEOUT,
                           **options) as edge:
+        if name.startswith("fixed-"):
+            edge.select(fixed_choice(name))
         started[0] = time.monotonic()
         driver = asyncio.create_task(_drive(shaper, trace, started[0]))
         position = 0
@@ -147,17 +157,50 @@ async def run_policy(name: str, pipeline: str, address: str, models: Path, image
                 logits = await edge.infer(x)
                 latency = (time.perf_counter() - began) * 1e3
                 decision = edge.last_decision
+                right = logits.argmax(1).eq(y)
+                local = edge.last_on_device if edge.last_on_device is not None else torch.zeros_like(right)
                 records.append({"t": round(now, 4), "segment": trace.index(now), "latency_ms": round(latency, 2),
-                                "right": int(logits.argmax(1).eq(y).sum()), "samples": len(y),
+                                "right": int(right.sum()), "samples": len(y), "on_device": int(local.sum()),
+                                "right_on_device": int(right[local].sum()),
                                 "bytes": edge.traffic.bytes_sent + edge.traffic.bytes_received - sent,
-                                "budget": decision.choice.budget if decision else edge.budget,
-                                "choice": decision.choice.label if decision else f"{edge.budget}/fp32",
+                                "budget": edge.choice.budget, "cut": edge.choice.cut,
+                                "values": values[edge.choice.cut, edge.choice.budget], "choice": edge.choice.label,
                                 "predicted_ms": _rounded(decision.predicted_ms if decision else None),
                                 "rate_mbps": _rounded(edge.session.estimate.snapshot()["rate_mbps"])})
         finally:
             driver.cancel()
             await asyncio.gather(driver, return_exceptions=True)
     return summarize(name, records, deadline_ms)
+
+
+def values_per_sample(manifest: dict[str, Any]) -> dict[tuple[str | None, int], int]:
+    """(cut, budget) -> the values a sample sends with that model (None: the set's default cut)."""
+    values = {}
+    for entry in manifest["models"]:
+        cut = entry_cut(manifest, entry)
+        height, width = entry.get("sent_height"), entry.get("sent_width")
+        if height is None or width is None:  # a set written before entries said so: from the fp32 size
+            count = int(entry["bytes_per_sample"]["fp32"] // 4)
+        else:
+            count = int(entry["budget"]) * int(height) * int(width)
+        values[None if cut == manifest["cut"] else cut, int(entry["budget"])] = count
+    return values
+
+
+def _model_order(model: tuple[str | None, int]) -> tuple[bool, str, int]:
+    return model[0] is not None, model[0] or "", -model[1]  # the default cut first, larger budgets first
+
+
+def fixed_name(model: tuple[str | None, int]) -> str:
+    cut, budget = model
+    return f"fixed-{budget}" if cut is None else f"fixed-{cut}:{budget}"
+
+
+def fixed_choice(name: str) -> Choice:
+    """``fixed-8`` or ``fixed-block3:8`` as the choice it always sends (fp32)."""
+    model = name.removeprefix("fixed-")
+    cut, _, budget = model.rpartition(":")
+    return Choice(int(budget), cut=cut or None)
 
 
 def _rounded(value: float | None) -> float | None:
@@ -167,44 +210,54 @@ def _rounded(value: float | None) -> float | None:
 def summarize(name: str, records: list[dict[str, Any]], deadline_ms: float) -> dict[str, Any]:
     latencies = [r["latency_ms"] for r in records]
     samples = sum(r["samples"] for r in records)
+    local = sum(r["on_device"] for r in records)
+    right, right_local = sum(r["right"] for r in records), sum(r["right_on_device"] for r in records)
     return {"policy": name, "name": name, "requests": len(records),
             "deadline_hit_rate": sum(ms <= deadline_ms for ms in latencies) / max(len(records), 1),
-            "accuracy": sum(r["right"] for r in records) / max(samples, 1),
+            "accuracy": right / max(samples, 1),
             "mean_bytes_per_sample": sum(r["bytes"] for r in records) / max(samples, 1),
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+            "exit_share": local / max(samples, 1),
+            "exit_accuracy": right_local / local if local else None,
+            "server_accuracy": (right - right_local) / (samples - local) if samples > local else None,
             "switch_requests": None, "timeline": records}
 
 
-def switch_requests(policy: dict[str, Any], oracle: dict[str, Any] | None) -> list[int | None]:
-    """After each change of segment, the requests until the policy's choice changed, where the oracle's did."""
+def switch_requests(policy: dict[str, Any]) -> list[int | None]:
+    """After each change of segment, the requests until the policy's choice changed (None: it kept its choice).
+
+    Not judged against the oracle's: with the exits among the options, the
+    oracle's choice may stay where a policy without them has to move.
+    """
     result: list[int | None] = []
     timeline = policy["timeline"]
     for segment in sorted({r["segment"] for r in timeline} - {0}):
         before = [r["choice"] for r in timeline if r["segment"] == segment - 1]
         after = [r["choice"] for r in timeline if r["segment"] == segment]
-        if not before or not after:
-            continue
-        if oracle is not None:
-            wanted = ({r["choice"] for r in oracle["timeline"] if r["segment"] == segment - 1}
-                      != {r["choice"] for r in oracle["timeline"] if r["segment"] == segment})
-            if not wanted:
-                result.append(None)
-                continue
-        changed = next((i + 1 for i, choice in enumerate(after) if choice != before[-1]), None)
-        result.append(changed)
+        if before and after:
+            result.append(next((i + 1 for i, choice in enumerate(after) if choice != before[-1]), None))
     return result
 
 
 def model_set(pipeline: str, models: Path | None, data: Path | None, phases: str, folder: Path) -> Path:
-    """The given model set, or one trained now with `train prune` (progress bar on stderr)."""
-    if models is not None:
-        return models
-    from sparse_rt.train import schedules
-    from sparse_rt.train.scheduled import run_schedule
+    """The given model set, or one trained now with `train prune` (progress bar on stderr); with early exits.
+
+    A given set without exits is copied and the copy gets them: the bench does not write into the user's set.
+    """
+    from sparse_rt.train.exits import train_exits
 
     out = folder / "models"
-    asyncio.run(run_schedule("prune", RunConfig(pipeline=pipeline, data=data, progress=True),
-                             lambda c: schedules.prune(schedules.parse_phases(phases, c)), out))
+    if models is None:
+        from sparse_rt.train import schedules
+        from sparse_rt.train.scheduled import run_schedule
+
+        asyncio.run(run_schedule("prune", RunConfig(pipeline=pipeline, data=data, progress=True),
+                                 lambda c: schedules.prune(schedules.parse_phases(phases, c)), out))
+    elif all("exit" in entry for entry in read_manifest(models)["models"]):
+        return models
+    else:
+        shutil.copytree(models, out)
+    train_exits(out, data, progress=True)
     return out
 
 
@@ -217,8 +270,8 @@ def run_adaptive(pipeline: str, models: Path | None, data: Path | None, phases: 
             raise DataError(f"{models} is a model set of '{manifest['pipeline']}', not '{pipeline}'")
         split = load_data(get_pipeline(pipeline), RunConfig(pipeline=pipeline, data=data, seed=seed))
         images, labels = split.x_test, split.y_test
-        budgets = sorted((int(m["budget"]) for m in manifest["models"]), reverse=True)
-        names = [f"fixed-{b}" for b in budgets] + ["controller", "oracle"]
+        names = [fixed_name(choice) for choice in sorted(values_per_sample(manifest), key=_model_order)]
+        names += list(ADAPTIVE)
         server, address = start_server({"pipeline": pipeline, "models": models})
         rows, failed = [], True
         try:
@@ -229,10 +282,9 @@ def run_adaptive(pipeline: str, models: Path | None, data: Path | None, phases: 
             failed = False
         finally:
             stop_server(server, failed)
-    oracle = next(row for row in rows if row["policy"] == "oracle")
     for row in rows:
-        if row["policy"] in ("controller", "oracle"):
-            row["switch_requests"] = switch_requests(row, oracle if row is not oracle else None)
+        if row["policy"] in ADAPTIVE:
+            row["switch_requests"] = switch_requests(row)
     report = BenchReport("adaptive", COLUMNS, rows)
     report.settings = {"pipeline": pipeline, "models": str(models), "manifest": manifest, "trace":
                        [vars(s) for s in trace], "rtt_ms": rtt_ms, "deadline_ms": deadline_ms, "batch": batch,
@@ -243,27 +295,32 @@ def run_adaptive(pipeline: str, models: Path | None, data: Path | None, phases: 
 
 
 def _notes(rows: list[dict[str, Any]], deadline_ms: float) -> list[str]:
+    """The targets, judged: controller+exit against the oracle, every fixed budget against controller+exit."""
     by_name = {row["policy"]: row for row in rows}
-    controller, oracle = by_name["controller"], by_name["oracle"]
-    notes = [f"deadline {deadline_ms:g} ms; controller: hit rate {controller['deadline_hit_rate']:.3f} "
-             f"(target {TARGET_HIT_RATE}), accuracy {controller['accuracy']:.3f} vs the oracle's "
-             f"{oracle['accuracy']:.3f}"]
+    oracle = by_name["oracle"]
+    notes = [f"deadline {deadline_ms:g} ms (hit-rate target {TARGET_HIT_RATE}); oracle accuracy {oracle['accuracy']:.3f}"]
+    for name in ("controller", "controller+exit"):
+        row = by_name[name]
+        notes.append(f"{name}: hit rate {row['deadline_hit_rate']:.3f}, accuracy {row['accuracy']:.3f} "
+                     f"({(row['accuracy'] - oracle['accuracy']) * 100:+.1f} points vs the oracle), "
+                     f"{row['exit_share']:.1%} answered on the device")
+    best = by_name["controller+exit"]
     for row in rows:
         if row["policy"].startswith("fixed-"):
             misses = 1 - row["deadline_hit_rate"]
-            worse = controller["accuracy"] - row["accuracy"]
+            worse = best["accuracy"] - row["accuracy"]
             verdict = ("misses the deadline on more than 20% of requests" if misses > 0.2 else
-                       "at least 5 points less accurate than the controller" if worse >= 0.05 else
-                       "NEITHER: as good as the controller here")
-            notes.append(f"{row['policy']}: misses {misses:.1%}, accuracy {worse * 100:+.1f} points below the "
-                         f"controller: {verdict}")
+                       "at least 5 points less accurate than controller+exit" if worse >= 0.05 else
+                       "NEITHER: as good as controller+exit here")
+            notes.append(f"{row['policy']}: misses {misses:.1%}, accuracy {worse * 100:+.1f} points below "
+                         f"controller+exit: {verdict}")
     return notes
 
 
 def plot(report: BenchReport, path: Path) -> None:
-    """Timeline: the link's rate, each adaptive policy's budget, and latency against the deadline."""
+    """Timeline: the link's rate, each adaptive policy's choice (values it sends) and exit share, and latency."""
     plt = pyplot()
-    figure, (rate, budget, latency) = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+    figure, (rate, budget, exits, latency) = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
     trace, deadline = report.settings["trace"], report.settings["deadline_ms"]
     edges, t = [0.0], 0.0
     for segment in trace:
@@ -273,24 +330,39 @@ def plot(report: BenchReport, path: Path) -> None:
     rate.set_yscale("log")
     rate.set_ylabel("Mbit/s")
     for row in report.rows:
-        if row["policy"] in ("controller", "oracle"):
+        if row["policy"] in ADAPTIVE:
             times = [r["t"] for r in row["timeline"]]
-            estimates = [r["rate_mbps"] for r in row["timeline"]]
-            if row["policy"] == "controller":
+            if row["policy"] != "oracle":
+                estimates = [r["rate_mbps"] for r in row["timeline"]]
                 rate.plot(times, [e if e else float("nan") for e in estimates], ".", markersize=2,
-                          label="controller's estimate")
-            budget.plot(times, [r["budget"] for r in row["timeline"]], drawstyle="steps-post", label=row["policy"])
+                          label=f"{row['policy']}'s estimate")
+            budget.plot(times, [r["values"] for r in row["timeline"]], drawstyle="steps-post", label=row["policy"])
+            exits.plot(times, _rolling_share(row["timeline"]), label=row["policy"])
             latency.plot(times, [r["latency_ms"] for r in row["timeline"]], ".", markersize=2, label=row["policy"])
-    budget.set_ylabel("budget (channels)")
+    budget.set_ylabel("values / sample\n(budget x h x w)")
+    budget.set_yscale("log")
+    exits.set_ylabel(f"on device (last {SHARE_WINDOW})")
+    exits.set_ylim(-0.05, 1.05)
     latency.axhline(deadline, color="red", linestyle="--", label=f"deadline {deadline:g} ms")
     latency.set_yscale("log")
     latency.set_ylabel("latency (ms)")
     latency.set_xlabel("seconds into the trace")
-    for axes in (rate, budget, latency):
+    for axes in (rate, budget, exits, latency):
         axes.legend(fontsize=7, loc="upper right")
     rate.set_title(f"{report.settings['pipeline']}: batches of {report.settings['batch']}, "
                    f"rtt {report.settings['rtt_ms']:g} ms")
     save_figure(figure, path, dpi=120)
+
+
+SHARE_WINDOW = 10  # requests over which the plot's share answered on the device is taken
+
+
+def _rolling_share(timeline: list[dict[str, Any]]) -> list[float]:
+    shares = []
+    for i in range(len(timeline)):
+        window = timeline[max(0, i - SHARE_WINDOW + 1):i + 1]
+        shares.append(sum(r["on_device"] for r in window) / max(sum(r["samples"] for r in window), 1))
+    return shares
 
 
 @click.command("adaptive")

@@ -22,7 +22,7 @@ import torch
 import zmq.asyncio
 
 from sparse_rt.errors import ConfigError
-from sparse_rt.model.sides import EdgeModel
+from sparse_rt.model.sides import CutShape, EdgeModel
 from sparse_rt.pipeline import Pipeline, TrainingSettings, get_pipeline
 from sparse_rt.assembly import edge_chain, edge_side
 from sparse_rt.store.checkpoint import read_checkpoint, save_checkpoint
@@ -30,7 +30,9 @@ from sparse_rt.edge.controller import (PRECISION, Choice, DeadlineController, De
                                       options_from_manifest)
 from sparse_rt.edge.session import EdgeSession, SessionSettings
 from sparse_rt.metrics import MetricsLog
-from sparse_rt.store.modelset import load_model_set, read_manifest
+from sparse_rt.stages.exit import NEVER, ConfidenceExit, load_exit
+from sparse_rt.store.modelset import ModelSet, entry_cut, load_model_sets, read_manifest
+from sparse_rt.stages.base import StepContext
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.source import Batch, batches
 from sparse_rt.transport.connection import SocketOption, Traffic, connect_dealer, sockopt
@@ -58,6 +60,11 @@ class EdgeClient:
     socket before it connects (transport/connection.py). ``curve_key`` (this
     edge's ``.key_secret``) with ``server_key`` (the server's ``.key``)
     encrypts the connection and authenticates both ends (transport/curve.py).
+
+    ``deadline_ms`` has a controller choose each request's budget and codec
+    from the model set (edge/controller.py); ``early_exit=True`` lets it
+    answer samples on the device too, with the exits `sparse-rt train exit`
+    added to the set, at the threshold it chooses per request.
     """
 
     def __init__(self, pipeline: str | Pipeline, address: str, *, mode: str = "infer", budget: int | None = None,
@@ -69,7 +76,7 @@ class EdgeClient:
                  curve_key: str | Path | None = None, server_key: str | Path | None = None,
                  deadline_ms: float | None = None, max_bytes_per_s: float | None = None,
                  policy: Policy | None = None, adapt_codecs: Sequence[str] = PRECISION,
-                 shaper: Shaper | None = None) -> None:
+                 early_exit: bool = False, shaper: Shaper | None = None) -> None:
         self.pipeline = pipeline if isinstance(pipeline, Pipeline) else get_pipeline(pipeline)
         self.address = address
         self.mode = mode
@@ -78,13 +85,16 @@ class EdgeClient:
         meta = checkpoint.meta if checkpoint is not None else {}
         if budget is None:
             budget = meta.get("budget")
-        self.heads: dict[int, EdgeModel] | None = None
+        self.heads: ModelSet | None = None  # a model set's heads, by (cut, budget)
+        self.exits: dict[tuple[str, int], ConfidenceExit] = {}  # its early exits, likewise
         if model_set is not None:
             if mode != "infer":
                 raise ConfigError("a model set serves inference only: use mode='infer'")
-            self.heads, self.cut, resolution = load_model_set(Path(model_set), self.pipeline, "head")
-            budget = max(self.heads) if budget is None else budget
-            self.edge_model = self._head_for(budget)
+            self.heads = load_model_sets(Path(model_set), self.pipeline, "head")
+            self.cut, resolution = self.heads.cuts[self.heads.default_cut], self.heads.resolution
+            self.exits = load_exits(Path(model_set), self.heads.cuts, self.pipeline.num_classes)
+            budget = max(self.heads.budgets()) if budget is None else budget
+            self.edge_model = self._head_for(Choice(budget))
         else:
             if resolution is None:
                 resolution = int(meta.get("resolution", training.resolution))
@@ -93,12 +103,12 @@ class EdgeClient:
         self._optimizer = lambda params: build_optimizer(params, training.optimizer, training.lr,
                                                          training.weight_decay)
         self.chain = edge_chain(self.edge_model, self._optimizer, stages=self._stages, **self._codecs)
-        self._chains = {Choice(self.budget, codec, lz4): self.chain}  # one per choice made, built once
+        self._chains = {Choice(self.budget, codec, lz4): self.chain}  # one per model, codec and exit, built once
         self.choice = Choice(self.budget, codec, lz4)
         self.optimizer = self.chain.optimizer.optimizer
         self.resumed = checkpoint.restore(self.chain.module, self.optimizer) if checkpoint is not None else {}
         self.settings = SessionSettings.of_chain(self.chain, self.pipeline.name, mode, resolution)
-        self.policy = self._policy(policy, deadline_ms, max_bytes_per_s, model_set, adapt_codecs, lz4)
+        self.policy = self._policy(policy, deadline_ms, max_bytes_per_s, model_set, adapt_codecs, lz4, early_exit)
         if self.policy is not None:  # every encoding the policy may pick is agreed at the handshake
             others = {entry_name((o.choice.codec, o.choice.lz4)) for o in self.policy.options}
             others.discard(entry_name((codec, lz4)))
@@ -126,8 +136,11 @@ class EdgeClient:
         self.end_session = True
         self.last_decision: Decision | None = None  # the policy's choice for the last request, and its latency
         self.last_latency_ms: float | None = None
-        # What the policy did: requests, how many answered within their deadline, each choice's count.
-        self.adaptive: dict[str, Any] = {"requests": 0, "deadline_met": 0, "choices": {}}
+        self.last_on_device: torch.Tensor | None = None  # the last request's rows answered by the early exit
+        # What the policy did: requests, how many answered within their deadline, each choice's count, and the
+        # samples answered on the device by an early exit.
+        self.adaptive: dict[str, Any] = {"requests": 0, "deadline_met": 0, "choices": {}, "samples": 0,
+                                         "on_device": 0}
 
     @property
     def budget(self) -> int:
@@ -176,11 +189,13 @@ class EdgeClient:
         return self
 
     def _policy(self, policy: Policy | None, deadline_ms: float | None, max_bytes_per_s: float | None,
-                model_set: str | Path | None, codecs: Sequence[str], lz4: bool) -> Policy | None:
+                model_set: str | Path | None, codecs: Sequence[str], lz4: bool, early_exit: bool) -> Policy | None:
         """The policy that chooses each request's budget and codec: yours, or a deadline controller."""
         if policy is None and deadline_ms is None:
             if max_bytes_per_s is not None:
                 raise ConfigError("max_bytes_per_s caps what a deadline controller chooses: give deadline_ms too")
+            if early_exit:
+                raise ConfigError("early_exit lets a deadline controller answer on the device: give deadline_ms too")
             return None
         if model_set is None:
             raise ConfigError("choosing a budget per request needs a model set: EdgeClient(..., model_set=FOLDER) "
@@ -188,17 +203,28 @@ class EdgeClient:
         if policy is not None:
             return policy
         assert deadline_ms is not None
-        options = options_from_manifest(read_manifest(Path(model_set)), codecs, lz4)
+        try:
+            options = options_from_manifest(read_manifest(Path(model_set)), codecs, lz4, exits=early_exit)
+        except ValueError as exc:
+            raise ConfigError(f"{model_set}: {exc}") from None
         return DeadlineController(options, deadline_ms, max_bytes_per_s=max_bytes_per_s,
                                   classes=self.pipeline.num_classes)
 
-    def _head_for(self, budget: int) -> EdgeModel:
+    def _model_key(self, choice: Choice) -> tuple[str, int]:
+        assert self.heads is not None
+        return (self.heads.default_cut if choice.cut is None else choice.cut), choice.budget
+
+    def _head_for(self, choice: Choice) -> EdgeModel:
         if self.heads is None:
             raise ConfigError("set_budget needs a model set: EdgeClient(..., model_set=FOLDER)")
-        if budget not in self.heads:
-            held = ", ".join(str(b) for b in sorted(self.heads))
-            raise ConfigError(f"budget {budget} is not in the model set; it holds {held}")
-        return self.heads[budget]
+        key = self._model_key(choice)
+        if key not in self.heads.models:
+            if key[0] not in self.heads.cuts:
+                raise ConfigError(f"the model set holds no models cut at '{key[0]}'; its cuts: "
+                                  f"{', '.join(sorted(self.heads.cuts))}")
+            held = ", ".join(str(b) for b in self.heads.budgets(key[0]))
+            raise ConfigError(f"budget {choice.budget} is not in the model set at cut '{key[0]}'; it holds {held}")
+        return self.heads.models[key]  # type: ignore[return-value]
 
     def set_budget(self, budget: int) -> None:
         """Send ``budget`` channels from now on, with the model set's head for that budget."""
@@ -208,21 +234,35 @@ class EdgeClient:
         self.select(Choice(budget, self.choice.codec, self.choice.lz4))
 
     def select(self, choice: Choice) -> None:
-        """Send with ``choice`` (budget, codec) from now on; no new session, no reconnect.
+        """Send with ``choice`` (cut, budget, codec, exit) from now on; no new session, no reconnect.
 
         A codec other than the handshake's must be one the session agreed
         to (a policy's are); the server refuses others with ``bad_codec``.
+        Another cut needs a server that holds it (one serving the same set).
         """
+        if self.heads is not None and choice.cut == self.heads.default_cut:
+            choice = dataclasses.replace(choice, cut=None)  # the default cut is not named in requests
         if choice == self.choice:
             return
-        self.edge_model = self._head_for(choice.budget)
-        chain = self._chains.get(choice)
+        self.edge_model = self._head_for(choice)
+        stages = self._stages
+        if choice.exit is not None:
+            exit_stage = self.exits.get(self._model_key(choice))
+            if exit_stage is None:
+                raise ConfigError(f"the model set has no early exit for {choice.label}: add exits with "
+                                  "`sparse-rt train exit DIR`")
+            exit_stage.threshold = choice.exit
+            stages = (*stages, exit_stage)
+        key = dataclasses.replace(choice, exit=None if choice.exit is None else NEVER)  # one chain for every threshold
+        chain = self._chains.get(key)
         if chain is None:
             codecs = dict(self._codecs, codec=choice.codec, lz4=choice.lz4)
-            chain = self._chains[choice] = edge_chain(self.edge_model, self._optimizer, stages=self._stages, **codecs)
+            chain = self._chains[key] = edge_chain(self.edge_model, self._optimizer, stages=stages, cut=choice.cut,
+                                                   **codecs)
         self.chain, self.choice = chain, choice
         self.optimizer = self.chain.optimizer.optimizer
-        self.settings = dataclasses.replace(self.settings, budget=choice.budget)  # what a new handshake proposes
+        if choice.cut == self.settings.cut:  # what a new handshake proposes (it opens at the session's cut)
+            self.settings = dataclasses.replace(self.settings, budget=choice.budget)
         if self.session is not None:
             self.session.chain = self.chain
             self.session.protocol.settings = self.settings
@@ -244,12 +284,16 @@ class EdgeClient:
                                                  **session.estimate.snapshot())
         total_ms = (time.perf_counter() - started) * 1e3
         wait, server = ctx.timer.ms.get("wait"), ctx.meta.get("server_ms")
-        self.policy.observed(decision, total_ms, None if wait is None else wait - (server or 0.0))
+        network = 0.0 if ctx.finished else None if wait is None else wait - (server or 0.0)
+        self.policy.observed(decision, total_ms, network)
         self.last_decision, self.last_latency_ms = decision, total_ms
+        self.last_on_device = on_device(ctx, len(x))
         choices = self.adaptive["choices"]
         choices[decision.choice.label] = choices.get(decision.choice.label, 0) + 1
         self.adaptive["requests"] += 1
         self.adaptive["deadline_met"] += total_ms <= decision.deadline_ms
+        self.adaptive["samples"] += len(x)
+        self.adaptive["on_device"] += int(self.last_on_device.sum())
         return logits
 
     async def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -312,6 +356,29 @@ class EdgeClient:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
+
+
+def on_device(ctx: StepContext, samples: int) -> torch.Tensor:
+    """A bool mask of the rows a stage answered on this side (an early exit) in the request ``ctx`` belongs to."""
+    answered = torch.zeros(samples, dtype=torch.bool)
+    if ctx.answers is not None:
+        answered[:] = True
+        if ctx.rows is not None:
+            answered[ctx.rows.cpu()] = False
+    return answered
+
+
+def load_exits(folder: Path, cuts: dict[str, CutShape], num_classes: int) -> dict[tuple[str, int], ConfidenceExit]:
+    """The early exits of a model set, by (cut, budget) (none until `sparse-rt train exit` added them)."""
+    manifest = read_manifest(folder)
+    exits = {}
+    for entry in manifest["models"]:
+        if "exit" in entry:
+            cut = entry_cut(manifest, entry)
+            channels = cuts[cut].channels
+            exits[cut, int(entry["budget"])] = ConfidenceExit(
+                channels, num_classes, NEVER, classifier=load_exit(folder, entry, channels, num_classes))
+    return exits
 
 
 class SyncEdgeClient:

@@ -31,26 +31,40 @@ REQUEST_OVERHEAD_BYTES = 256
 REPLY_BYTES_PER_SAMPLE = 4 * 10  # float32 logits, 10 classes, until the first reply says how many
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Choice:
-    """What one request sends: this budget's model, its values in this codec."""
+    """What one request sends: this budget's model, its values in this codec; optionally an early exit first.
+
+    ``exit`` is the confidence threshold of the model's early exit (None: no
+    exit, every sample goes to the server); ``cut`` the layer the model is cut
+    after (None: the model set's default cut).
+    """
 
     budget: int
     codec: str = "fp32"
     lz4: bool = False
+    exit: float | None = None
+    cut: str | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.budget}/{entry_name((self.codec, self.lz4))}"
+        model = f"{self.cut}:{self.budget}" if self.cut is not None else str(self.budget)
+        exit = "" if self.exit is None else f"@{self.exit:g}"
+        return f"{model}/{entry_name((self.codec, self.lz4))}{exit}"
 
 
 @dataclass(frozen=True)
 class Option:
-    """A choice with what the model set says of it."""
+    """A choice with what the model set says of it: its accuracy and the bytes a sample sends on average.
+
+    With an early exit, ``exit_share`` of the samples are answered on the
+    device, so ``bytes_per_sample`` counts only the rest.
+    """
 
     choice: Choice
     accuracy: float
     bytes_per_sample: float
+    exit_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,25 +94,37 @@ class Policy(Protocol):
 
 
 def options_from_manifest(manifest: dict[str, Any], codecs: Sequence[str] = PRECISION,
-                          lz4: bool = False) -> list[Option]:
+                          lz4: bool = False, exits: bool = False) -> list[Option]:
     """Every (budget, codec) the model set can serve, with the manifest's accuracy and bytes per sample.
 
     A manifest entry's ``accuracy`` per codec is used where it was measured;
     otherwise the budget's ``test_accuracy`` (measured in fp32) stands for
-    every codec, and precision breaks the tie.
+    every codec, and precision breaks the tie. With ``exits``, each also with
+    its early exit at every calibrated threshold that answers some samples
+    on the device (`sparse-rt train exit`), at the calibrated accuracy.
     """
     options = []
     for model in manifest["models"]:
         sizes = model.get("bytes_per_sample", {})
         measured = model.get("accuracy", {})
+        cut = model.get("cut")
+        cut = None if cut is None or cut == manifest.get("cut") else str(cut)
+        calibration = model.get("exit", {}).get("calibration", []) if exits else []
         for codec in codecs:
             if codec not in sizes:
                 continue
-            options.append(Option(Choice(int(model["budget"]), codec, lz4),
+            options.append(Option(Choice(int(model["budget"]), codec, lz4, cut=cut),
                                   float(measured.get(codec, model["test_accuracy"])), float(sizes[codec])))
+            for row in calibration:
+                share = float(row["share"])
+                if share > 0:
+                    options.append(Option(Choice(int(model["budget"]), codec, lz4, float(row["threshold"]), cut),
+                                          float(row["accuracy"]), float(sizes[codec]) * (1 - share), share))
     if not options:
         raise ValueError("the model set's manifest lists no budget in any of the codecs "
                          f"{', '.join(codecs)}: nothing to choose from")
+    if exits and not any(o.choice.exit is not None for o in options):
+        raise ValueError("the model set has no early exits: add them with `sparse-rt train exit DIR`")
     return options
 
 
@@ -146,15 +172,22 @@ class DeadlineController:
 
     def _bytes(self, option: Option, samples: int) -> tuple[int, int]:
         up = REQUEST_OVERHEAD_BYTES + math.ceil(option.bytes_per_sample * samples)
-        return up, REQUEST_OVERHEAD_BYTES // 2 + samples * 4 * (self.classes or REPLY_BYTES_PER_SAMPLE // 4)
+        sent = samples * (1 - option.exit_share)  # the server answers only the samples the exit does not
+        return up, REQUEST_OVERHEAD_BYTES // 2 + math.ceil(sent * 4 * (self.classes or REPLY_BYTES_PER_SAMPLE // 4))
 
     def predict_ms(self, option: Option, estimate: LinkEstimate, samples: int) -> float | None:
+        if option.exit_share >= 1:  # every sample is answered on the device: nothing crosses the network
+            return self._compute_ms(option.choice)
         network = estimate.predict_ms(*self._bytes(option, samples))
         return None if network is None else network + self._compute_ms(option.choice)
 
     def _measuring(self, options: Sequence[Option], samples: int) -> list[Option]:
-        """The options whose requests are large enough to show the link's rate, not only its round trip."""
-        return [o for o in options if sum(self._bytes(o, samples)) > SMALL_BYTES]
+        """The options whose requests are large enough to show the link's rate, not only its round trip.
+
+        Only those without an exit: how many samples an exit leaves to send
+        is known only after it ran, so a probe's size would be a guess.
+        """
+        return [o for o in options if o.exit_share == 0 and sum(self._bytes(o, samples)) > SMALL_BYTES]
 
     def _probe(self, options: Sequence[Option], estimate: LinkEstimate, samples: int) -> Decision:
         """The fewest bytes that still measure the rate (a larger request than the round trip alone)."""
@@ -190,7 +223,11 @@ class DeadlineController:
         return Decision(option, ms, False, self.deadline_ms)
 
     def observed(self, decision: Decision, total_ms: float, network_ms: float | None) -> None:
-        """A request's whole time, and the part the network took (the rest is compute at either end)."""
+        """A request's whole time, and the part the network took (the rest is compute at either end).
+
+        ``network_ms`` is 0 for a request answered on the device, None when
+        the network's part is not known (the server did not say its time).
+        """
         if network_ms is None or not (math.isfinite(total_ms) and math.isfinite(network_ms)):
             return
         self._compute.setdefault(decision.choice, Ewma(0.3)).add(max(total_ms - network_ms, 0.0))

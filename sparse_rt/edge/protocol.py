@@ -31,17 +31,19 @@ class SessionSettings:
     grad_lz4: bool | None = None
     codecs: tuple[str, ...] | None = None  # inference: the other encodings requests may switch to ("int8+lz4")
     timing: bool = False  # ask the server to say its own time in each reply (the link estimate needs it)
+    cut: str | None = None  # the layer the session starts at; None: the server's default cut (left out of the hello)
 
     @classmethod
     def of_chain(cls, chain: EdgeChain, pipeline: str, mode: str = "train", resolution: int = 0) -> "SessionSettings":
-        """What the chain will send: its cut's channels, its compressor's budget, its codec stage's choices.
+        """What the chain will send: its cut's channels, its compressor's budget, its codec stage's choices and cut.
 
-        Read from the stages themselves, so the handshake cannot promise one codec while the chain sends another.
+        Read from the stages themselves, so the handshake cannot promise one codec (or cut) while the chain sends
+        another.
         """
         up, down = chain.codec.up, chain.codec.down
         same = (down.name, down.lz4) == (up.name, up.lz4)
         return cls(pipeline, chain.codec.channels, chain.budget, up.name, up.lz4, mode, resolution,
-                   None if same else down.name, None if same else down.lz4)
+                   None if same else down.name, None if same else down.lz4, cut=chain.codec.cut)
 
 
 class EdgeProtocol:
@@ -59,7 +61,7 @@ class EdgeProtocol:
         s = self.settings  # a None grad_codec/grad_lz4 is left out: the server's default is the activations' own
         return Hello(request_id, s.pipeline, s.channels, s.budget, s.codec, s.lz4, s.mode, s.resolution,
                      s.grad_codec, s.grad_lz4, self.session_id or self.resume, timing=s.timing or None,
-                     codecs=s.codecs)
+                     codecs=s.codecs, cut=s.cut)
 
     def opened(self, welcome: Welcome) -> str:
         """The session is open; a resumed one goes on at the server's next step if the tail got further."""

@@ -26,7 +26,7 @@ from sparse_rt.store.checkpoint import Checkpointer, check_writable, read_checkp
 from sparse_rt.edge.client import EdgeClient
 from sparse_rt.train.local import load_data
 from sparse_rt.metrics import MetricsLog
-from sparse_rt.store.modelset import load_model_set
+from sparse_rt.store.modelset import load_model_sets
 from sparse_rt.server.server import SplitServer
 from sparse_rt.train.summary import RunSummary, summarize
 from sparse_rt.train.loop import TrainingResult, train
@@ -67,12 +67,16 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     started = time.perf_counter()
     pipeline = get_pipeline(config.pipeline)
     training = config.resolved(pipeline)
-    model_set = None
+    model_set, cut_name, cuts = None, pipeline.cut, {}
     if config.models is not None:
-        tails, cut, resolution = load_model_set(config.models, pipeline, "tail")
-        model_set = {budget: server_chain(tail, None) for budget, tail in tails.items()}
-        log.info("loaded the model set %s: budgets %s", config.models, ", ".join(map(str, sorted(tails))))
-        model = tails[max(tails)]
+        tails = load_model_sets(config.models, pipeline, "tail")
+        model_set = {key: server_chain(tail, None) for key, tail in tails.models.items()}
+        cut_name, cuts, resolution = tails.default_cut, tails.cuts, tails.resolution
+        for name in sorted(cuts, key=lambda name: name != cut_name):  # the default cut first
+            log.info("loaded the model set %s: cut '%s'%s, budgets %s", config.models, name,
+                     " (default)" if name == cut_name and len(cuts) > 1 else "",
+                     ", ".join(map(str, tails.budgets(name))))
+        model, cut = tails.at()[max(tails.budgets())], cuts[cut_name]
     else:
         resolution = training.resolution
         model, cut = server_side(pipeline, config.seed, resolution)
@@ -99,7 +103,8 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     elif not is_local(config.bind):
         log.warning("serving %s without CURVE: anyone who reaches it can train the shared tail and read its "
                     "traffic; see docs/SECURITY.md (--curve-key, --allow-keys)", config.bind)
-    connection = bind_router(context, config.bind, max(largest_frame(cut, config.max_batch), MAX_HEADER_BYTES),
+    connection = bind_router(context, config.bind,
+                             max(largest_frame([cut, *cuts.values()], config.max_batch), MAX_HEADER_BYTES),
                              options=options)
     endpoint = connection.socket.getsockopt_string(zmq.LAST_ENDPOINT)
     metrics = MetricsLog(config.metrics)
@@ -108,7 +113,7 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     server = SplitServer(pipeline.name, chain, cut, pipeline.num_classes, connection,
                          metrics=metrics, after_step=checkpoints.after_step,
                          after_open=(lambda: checkpoints.now("with a new session")) if config.checkpoint_every else None,
-                         model_set=model_set, allow=allow,
+                         model_set=model_set, allow=allow, cut_name=cut_name, cuts=cuts,
                          reveal=allow is not None or is_local(config.bind), max_sessions=config.max_sessions,
                          session_idle=config.session_idle, max_batch=config.max_batch)
     try:
@@ -117,7 +122,7 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
         raise DataError(f"{config.checkpoint}: its session table is unreadable ({exc!r})") from None
     stop = stop_on_signals()
     log.info("serving %s on %s: cut after '%s', %d channels of %dx%d (sent at %dx%d)", pipeline.name, endpoint,
-             pipeline.cut, cut.channels, cut.height, cut.width, cut.sent_height, cut.sent_width)
+             cut_name, cut.channels, cut.height, cut.width, cut.sent_height, cut.sent_width)
     serving = asyncio.create_task(server.serve(), name="server")
     stopping = asyncio.create_task(stop.wait(), name="stop")
     try:
@@ -170,7 +175,7 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
                         head_checkpoint=config.checkpoint if config.resume else None, model_set=config.models,
                         lr=config.lr, timeout=config.request_timeout, retries=config.retries, metrics=config.metrics,
                         curve_key=config.curve_key, server_key=config.server_key, deadline_ms=config.deadline_ms,
-                        max_bytes_per_s=config.max_bytes_per_s)
+                        max_bytes_per_s=config.max_bytes_per_s, early_exit=config.early_exit)
     stop = stop_on_signals()
     result = TrainingResult(math.nan, 0, False)
     if config.checkpoint is not None and config.mode == "train":
@@ -222,5 +227,7 @@ async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
         adaptive = client.adaptive
         log.info("deadline %g ms met by %d of %d requests; choices: %s", config.deadline_ms, adaptive["deadline_met"],
                  adaptive["requests"], ", ".join(f"{label} x{n}" for label, n in adaptive["choices"].items()))
+        if config.early_exit:
+            log.info("early exit answered %d of %d samples on the device", adaptive["on_device"], adaptive["samples"])
     code = EXIT_SERVER_LOST if lost else EXIT_STOPPED if result.stopped else 0 if saved else EXIT_SAVE_FAILED
     return summary, code

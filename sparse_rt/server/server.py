@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 import zmq
@@ -29,7 +29,7 @@ from sparse_rt.errors import WireError, printable
 from sparse_rt.metrics import MetricsLog, StageTimer
 from sparse_rt.model.sides import CutShape
 from sparse_rt.server.sessions import (DEFAULT_MAX_BATCH, MAX_SESSIONS, SESSION_IDLE_SECONDS, ServedCut,
-                                       ServerStats, Session, SessionTable)
+                                       ServerStats, Session, SessionTable, request_cut)
 from sparse_rt.server import memory
 from sparse_rt.server.trust import TRAIN, AllowList
 from sparse_rt.stages.base import Cut, StepContext
@@ -83,27 +83,33 @@ def error_frames(request_id: int | None, code: str, text: str, version: int | No
         text = text[: len(text) // 2]
 
 
+ModelSetChains = Mapping[tuple[str, int], ServerChain] | Mapping[int, ServerChain]
+
+
 class SplitServer:
     """Serves one pipeline's tail chain to every edge that completes the handshake.
 
-    ``model_set`` (one trained chain per budget) serves inference only; each
-    request's budget picks its chain.
+    ``cut`` is the activation at the cut, ``cut_name`` its layer name (a
+    request may then state it; without a name it may state none).
+    ``model_set`` (one trained chain per (cut name, budget), or per budget
+    at the default cut) serves inference only; each request's cut and budget
+    pick its chain. ``cuts`` gives the activation at each further cut of
+    the set.
     """
 
     def __init__(self, pipeline: str, chain: ServerChain, cut: CutShape, num_classes: int,
                  connection: Transport, queue_size: int = 16, metrics: MetricsLog | None = None,
                  after_step: Callable[[int], None] | None = None, after_open: Callable[[], None] | None = None,
-                 model_set: dict[int, ServerChain] | None = None, allow: AllowList | None = None,
+                 model_set: ModelSetChains | None = None, allow: AllowList | None = None,
                  reveal: bool = True, max_sessions: int = MAX_SESSIONS,
-                 session_idle: float = SESSION_IDLE_SECONDS, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+                 session_idle: float = SESSION_IDLE_SECONDS, max_batch: int = DEFAULT_MAX_BATCH,
+                 cut_name: str | None = None, cuts: Mapping[str, CutShape] | None = None) -> None:
         self.chain = chain
         self.allow = allow  # with CURVE: the keys let in, and which of them may train
-        self.model_set = model_set
+        self.model_set = _by_cut(model_set, cut_name)
         resolution = int(getattr(chain.decompressor.module, "resolution", 0))
-        self.table = SessionTable(ServedCut(pipeline, cut, num_classes, resolution,
-                                            None if model_set is None else frozenset(model_set),
-                                            trains=chain.trains and model_set is None), reveal, max_sessions,
-                                  session_idle)
+        self.table = SessionTable(_served(pipeline, cut, num_classes, resolution, cut_name, cuts or {},
+                                          self.model_set, chain.trains), reveal, max_sessions, session_idle)
         self.connection = connection
         self.limits = self._limits(max_batch)
         self.metrics = metrics or MetricsLog(None)
@@ -227,8 +233,9 @@ class SplitServer:
             log.warning("refused a handshake from %s: %s", route.hex(), printable(exc))
             return error_frames(exc.request_id, exc.code, str(exc)), False
         served = self.table.served
-        return encode_message(Welcome(hello.id, session.id, served.cut.channels, served.cut.sent_height,
-                                      served.cut.sent_width, served.num_classes, self.limits, resumed,
+        cut = served.shape(session.cut)  # the session's own cut's (PROTOCOL.md 4.2)
+        return encode_message(Welcome(hello.id, session.id, cut.channels, cut.sent_height, cut.sent_width,
+                                      served.num_classes, self.limits, resumed,
                                       session.last_step + 1)), not resumed and session.mode == "train"
 
     async def _work(self) -> None:
@@ -319,7 +326,8 @@ class SplitServer:
         cut = Cut(message.values, message.indices)
         if message.labels is None:
             self.stats.inferences += 1
-            chain = self.chain if self.model_set is None else self.model_set[message.values.shape[1]]
+            chain = (self.chain if self.model_set is None
+                     else self.model_set[request_cut(session, message), message.values.shape[1]])
             logits = chain.forward(cut, ctx)
             if not bool(torch.isfinite(logits).all()):  # PROTOCOL.md 4.6: every pred is finite
                 raise WireError("the model's output for this request is not finite; nothing is sent", "bad_output")
@@ -332,6 +340,31 @@ class SplitServer:
                           message.indices, grad, ctx.meta["loss"])
         self.table.applied(session, message.step, reply)
         return session, reply, True
+
+
+def _by_cut(model_set: ModelSetChains | None, default: str | None) -> dict[tuple[str | None, int], ServerChain] | None:
+    """A model set keyed (cut, budget): a plain {budget: chain} is the default cut's."""
+    if model_set is None:
+        return None
+    return {key if isinstance(key, tuple) else (default, key): chain for key, chain in model_set.items()}
+
+
+def _served(pipeline: str, cut: CutShape, num_classes: int, resolution: int, name: str | None,
+            cuts: Mapping[str, CutShape], model_set: dict[tuple[str | None, int], ServerChain] | None,
+            trains: bool) -> ServedCut:
+    """What the handshake and the checks compare with: the cuts, and a model set's budgets at each."""
+    if model_set is None:
+        return ServedCut(pipeline, cut, num_classes, resolution, trains=trains, name=name)
+    budgets: dict[str | None, set[int]] = {}
+    for at, budget in model_set:
+        budgets.setdefault(at, set()).add(budget)
+    unknown = sorted(str(at) for at in budgets if at != name and at not in cuts)
+    if unknown:
+        raise ValueError(f"the model set has models at cut(s) {', '.join(unknown)}, whose shape cuts= does not give")
+    default = frozenset(budgets.pop(name, ()))
+    others = {at: frozenset(held) for at, held in budgets.items() if at is not None}
+    return ServedCut(pipeline, cut, num_classes, resolution, default, trains=False, name=name,
+                     cuts={at: cuts[at] for at in others}, cut_budgets=others)
 
 
 class Answer(NamedTuple):

@@ -2,9 +2,14 @@
 
 Every check a message must pass before it reaches the tail lives here: the
 handshake against the server's cut, each message against its session
-(owner, mode, codec, budget, shape, labels) and the step rule (a resent
+(owner, mode, codec, cut, budget, shape, labels) and the step rule (a resent
 last step is answered again from the stored reply, an older one refused).
 The asyncio driver (server.py) only moves frames to and from it.
+
+A server serves one cut (a layer name), or, with a model set trained at
+several layers, several: a session starts at one (the hello's ``cut``, else
+the default) and each request may name another the set holds; its channels,
+budget and sent size are checked against that cut's.
 """
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 from sparse_rt.errors import WireError, printable
 from sparse_rt.model.sides import CutShape
@@ -43,6 +49,7 @@ class Session:
     grad_lz4: bool = False
     timing: bool = False  # the hello asked for timing: every pred and grad states server_ms
     codecs: frozenset[tuple[str, bool]] = frozenset()  # (codec, lz4) its infer messages may use besides its own
+    cut: str | None = None  # the cut it started at (the hello's, else the server's default; None: an unnamed cut)
     last_step: int = -1
     last_reply: Any = None  # the Gradients of last_step, answered again if that step is resent
     last_seen: float = field(default_factory=time.monotonic)  # for idle expiry
@@ -84,7 +91,15 @@ class ServerStats:
 
 @dataclass(frozen=True)
 class ServedCut:
-    """What this server serves: the pipeline, its cut, and which budgets (all, or a model set's)."""
+    """What this server serves: the pipeline, its cut or cuts, and which budgets (all, or a model set's).
+
+    ``cut`` and ``budgets`` are the default cut's, where a hello without
+    ``cut`` opens its session. A model set trained at several layers adds
+    the others in ``cuts`` (by layer name) with their budgets in
+    ``cut_budgets``. ``name`` None is a server that does not name its one cut
+    (a SplitServer built without ``cut_name``): a message naming a cut is
+    refused there.
+    """
 
     pipeline: str
     cut: CutShape
@@ -92,9 +107,51 @@ class ServedCut:
     resolution: int
     budgets: frozenset[int] | None = None  # a model set's budgets (inference only); None = any up to C
     trains: bool = True  # False: a chain without an optimizer, which refuses training sessions
+    name: str | None = None  # the default cut's layer name
+    cuts: Mapping[str, CutShape] = field(default_factory=dict)  # every cut served, by name (the default's added)
+    cut_budgets: Mapping[str, frozenset[int]] = field(default_factory=dict)  # a model set's budgets per cut
 
-    def held(self) -> str:
-        return ", ".join(str(budget) for budget in sorted(self.budgets or ()))
+    def __post_init__(self) -> None:
+        if self.name is None and self.cuts:
+            raise ValueError("a server with several cuts names its default one (name=...)")
+        if self.name is not None:  # the default cut is one of the cuts, with the default budgets
+            object.__setattr__(self, "cuts", MappingProxyType({**self.cuts, self.name: self.cut}))
+            budgets = {**self.cut_budgets, **({} if self.budgets is None else {self.name: self.budgets})}
+            object.__setattr__(self, "cut_budgets", MappingProxyType(budgets))
+        if self.cut_budgets and set(self.cut_budgets) != set(self.cuts):
+            raise ValueError(f"a model set has budgets at every cut it serves: cuts {sorted(self.cuts)}, budgets "
+                             f"at {sorted(self.cut_budgets)}")
+
+    def shape(self, name: str | None) -> CutShape:
+        """The activation at a served cut (``None``: the default one)."""
+        return self.cut if name is None or name == self.name else self.cuts[name]
+
+    def budgets_at(self, name: str | None) -> frozenset[int] | None:
+        """A model set's budgets at a served cut; None: any budget up to its C."""
+        return self.budgets if name is None or name == self.name else self.cut_budgets.get(name)
+
+    def held(self, name: str | None = None) -> str:
+        return ", ".join(str(budget) for budget in sorted(self.budgets_at(name) or ()))
+
+    def held_cuts(self) -> str:
+        return ", ".join(sorted(self.cuts))
+
+    def where(self, name: str | None) -> str:
+        """' at cut NAME' where a server has several cuts (a refusal's text says which), else nothing."""
+        return f" at cut '{name}'" if len(self.cuts) > 1 else ""
+
+    def cut_problem(self, name: str | None) -> str | None:
+        """Why a hello or request may not name this cut, or None (``None``: it names none, the default)."""
+        if name is None or name in self.cuts:
+            return None
+        if not self.cuts:
+            return f"this server does not name its cut: leave cut out (got '{name}')"
+        return f"cut '{name}' is not served here; this server serves {self.held_cuts()}"
+
+
+def request_cut(session: Session, message: Activations) -> str | None:
+    """The cut a request's values are cut after: its own ``cut``, else its session's."""
+    return session.cut if message.cut is None else message.cut
 
 
 class SessionTable:
@@ -134,14 +191,14 @@ class SessionTable:
             self.close(owner, resumed.id)
         return self.open(owner, hello, may_train), False
 
-    @staticmethod
-    def _settings(hello: Hello) -> dict[str, Any]:
+    def _settings(self, hello: Hello) -> dict[str, Any]:
         """The session's settings a hello asks for (a checked one): a resumed session must have all of them."""
         grad_codec = hello.codec if hello.grad_codec is None else hello.grad_codec
         grad_lz4 = hello.lz4 if hello.grad_lz4 is None else hello.grad_lz4
         return {"mode": hello.mode, "budget": hello.budget, "codec": hello.codec, "lz4": hello.lz4,
                 "grad_codec": grad_codec, "grad_lz4": grad_lz4, "timing": bool(hello.timing),
-                "codecs": frozenset(map(codec_entry, hello.codecs or ()))}
+                "codecs": frozenset(map(codec_entry, hello.codecs or ())),
+                "cut": self.served.name if hello.cut is None else hello.cut}
 
     def close(self, owner: bytes, session_id: str) -> Session:
         """End a session at its owner's word (a ``bye``), freeing it and its stored reply at once."""
@@ -172,23 +229,29 @@ class SessionTable:
         session = Session(secrets.token_hex(8), owner, **self._settings(hello), last_seen=self.clock())
         self.sessions[session.id] = session
         self.stats.sessions_opened += 1
-        log.info("session %s opened: %s, budget %d/%d, codec %s%s", session.id, hello.mode, hello.budget,
-                 self.served.cut.channels, hello.codec, "+lz4" if hello.lz4 else "")
+        log.info("session %s opened: %s, budget %d/%d%s, codec %s%s", session.id, hello.mode, hello.budget,
+                 self.served.shape(session.cut).channels, self.served.where(session.cut), hello.codec,
+                 "+lz4" if hello.lz4 else "")
         return session
 
     def _check_hello(self, hello: Hello) -> str | None:
-        served, cut = self.served, self.served.cut
+        served = self.served
         if hello.pipeline != served.pipeline:
             return f"this server runs pipeline '{served.pipeline}', not '{hello.pipeline}'"
+        problem = served.cut_problem(hello.cut)
+        if problem:
+            return problem
+        cut, at, budgets = served.shape(hello.cut), served.where(hello.cut), served.budgets_at(hello.cut)
         if hello.channels != cut.channels:
-            return f"the cut has {cut.channels} channels here, the edge says {hello.channels}"
+            which = f"cut '{hello.cut or served.name}'" if at else "the cut"
+            return f"{which} has {cut.channels} channels here, the edge says {hello.channels}"
         if not 1 <= hello.budget <= cut.channels:
             return f"budget must be between 1 and {cut.channels} channels, got {hello.budget}"
-        if served.budgets is not None:
+        if budgets is not None:
             if hello.mode != "infer":
                 return "this server serves a model set: inference only"
-            if hello.budget not in served.budgets:
-                return f"budget {hello.budget} is not in this model set; it holds {served.held()}"
+            if hello.budget not in budgets:
+                return f"budget {hello.budget} is not in this model set{at}; it holds {served.held(hello.cut)}"
         if hello.resolution != served.resolution:
             return (f"this server restores resolution r={served.resolution}, the edge compresses with "
                     f"r={hello.resolution}")
@@ -209,7 +272,7 @@ class SessionTable:
         return None
 
     def session_for(self, owner: bytes, message: Activations) -> Session:
-        """The message's session, checked against it (owner, mode, codec, budget, shape, labels)."""
+        """The message's session, checked against it (owner, mode, codec, cut, budget, shape, labels)."""
         session = self.sessions.get(message.session)
         if session is None or session.owner != owner:
             raise WireError(f"unknown session '{message.session}' (never opened, opened by another peer, or "
@@ -242,7 +305,7 @@ class SessionTable:
         return idle
 
     def _check(self, session: Session, message: Activations) -> None:
-        served, cut = self.served, self.served.cut
+        served = self.served
         n, budget, height, width = message.values.shape
         if message.kind == "train" and session.mode != "train":
             raise WireError(f"session {session.id} was opened for inference only, got a training step",
@@ -251,9 +314,18 @@ class SessionTable:
         if encoding != (session.codec, session.lz4) and encoding not in session.codecs:
             raise WireError(f"session {session.accepted()}, message has {message.codec} (lz4 {message.lz4})",
                             "bad_codec")
-        if served.budgets is not None and budget not in served.budgets:
-            raise WireError(f"budget {budget} is not in this model set; it holds {served.held()}", "bad_budget")
-        if message.channels != cut.channels or (served.budgets is None and budget > session.budget):
+        name = request_cut(session, message)
+        problem = served.cut_problem(message.cut)
+        if problem:
+            raise WireError(problem, "bad_cut")
+        if message.kind == "train" and name != session.cut:  # a training session trains one tail, at one cut
+            raise WireError(f"session {session.id} trains at cut '{session.cut}', this step is cut at '{name}'",
+                            "bad_cut")
+        cut, budgets = served.shape(name), served.budgets_at(name)
+        if budgets is not None and budget not in budgets:
+            raise WireError(f"budget {budget} is not in this model set{served.where(name)}; it holds "
+                            f"{served.held(name)}", "bad_budget")
+        if message.channels != cut.channels or (budgets is None and budget > session.budget):
             raise WireError(f"expected at most {session.budget} of {cut.channels} channels, got {budget} of "
                             f"{message.channels}", "bad_budget")
         if (height, width) != (cut.sent_height, cut.sent_width) or n == 0:
@@ -289,17 +361,18 @@ class SessionTable:
         """The open sessions as plain data, for the server's checkpoint (written with the tail it trained)."""
         return [{"id": s.id, "owner": s.owner.hex(), "mode": s.mode, "budget": s.budget, "codec": s.codec,
                  "lz4": s.lz4, "grad_codec": s.grad_codec, "grad_lz4": s.grad_lz4, "timing": s.timing,
-                 "codecs": sorted(map(entry_name, s.codecs)), "last_step": s.last_step,
+                 "codecs": sorted(map(entry_name, s.codecs)), "cut": s.cut, "last_step": s.last_step,
                  "steps": self.stats.steps_per_session.get(s.id, 0)} for s in self.sessions.values()]
 
     def restore(self, sessions: list[dict[str, Any]]) -> None:
         """Sessions from a checkpoint: their edges go on where the checkpoint left them (replies are not kept)."""
         for saved in sessions:
-            # timing and codecs are later than the rest: a checkpoint written before them has neither
+            # timing, codecs and cut are later than the rest: a checkpoint written before them has none of them
             session = Session(saved["id"], bytes.fromhex(saved["owner"]), saved["mode"], saved["budget"],
                               saved["codec"], saved["lz4"], saved["grad_codec"], saved["grad_lz4"],
                               timing=bool(saved.get("timing", False)),
                               codecs=frozenset(map(codec_entry, saved.get("codecs", ()))),
+                              cut=saved.get("cut") or self.served.name,
                               last_step=saved["last_step"], last_seen=self.clock(), restored=True)
             self.sessions[session.id] = session
             if saved["steps"]:

@@ -8,7 +8,7 @@ server/). A chain is written like ``nn.Sequential``::
     chain = EdgeChain([head, ConfidenceExit(channels=32, num_classes=10), CompressorStage(compressor),
                        CodecStage("int8", down="fp16")], torch.optim.Adam)
 
-(``ConfidenceExit`` is examples/early_exit.py's; an optimizer factory is
+(``ConfidenceExit`` is stages/exit.py's; an optimizer factory is
 given the parameters of every stage.)
 
 Stages that hold parameters are collected in :attr:`EdgeChain.module` (an

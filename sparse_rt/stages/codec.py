@@ -17,6 +17,7 @@ import torch
 from sparse_rt.errors import ConfigError, RemoteError, WireError
 from sparse_rt.stages.base import Cut, Stage, StepContext
 from sparse_rt.wire.codecs import codec_names
+from sparse_rt.wire.header import MAX_CUT_NAME
 from sparse_rt.wire.messages import Activations, ErrorReply, Gradients, Message, Predictions, decode_message, \
     encode_message
 
@@ -38,12 +39,17 @@ class CodecChoice:
 
 
 class CodecStage(Stage):
-    """Edge side: encodes the sent channels (``up``) and decodes the server's reply (gradients in ``down``)."""
+    """Edge side: encodes the sent channels (``up``) and decodes the server's reply (gradients in ``down``).
+
+    ``cut`` names the layer the sent values are cut after in every request
+    (a model-set server with several cuts picks that cut's tail); ``None``
+    leaves it out: the session's cut.
+    """
 
     name = "codec"
 
     def __init__(self, up: str | CodecChoice = "fp32", down: str | CodecChoice | None = None, *,
-                 lz4: bool = False, down_lz4: bool | None = None, channels: int = 0) -> None:
+                 lz4: bool = False, down_lz4: bool | None = None, channels: int = 0, cut: str | None = None) -> None:
         self.up = up if isinstance(up, CodecChoice) else CodecChoice(up, lz4)
         down_lz4 = self.up.lz4 if down_lz4 is None else down_lz4  # lz4 both ways unless told otherwise
         if isinstance(down, CodecChoice):
@@ -51,13 +57,16 @@ class CodecStage(Stage):
         else:
             self.down = CodecChoice(self.up.name if down is None else down, down_lz4)
         self.channels = channels  # C at the cut, which every activation message states; set by the assembly
+        if cut is not None and not (isinstance(cut, str) and 0 < len(cut) <= MAX_CUT_NAME):
+            raise ConfigError(f"cut must be a layer name of 1 to {MAX_CUT_NAME} characters, got {cut!r}")
+        self.cut = cut
 
     def forward(self, cut: Cut, ctx: StepContext) -> list[Any]:
         assert ctx.session is not None, "open() the session first"
         ctx.meta["cut"] = cut
         message = Activations(ctx.meta["request_id"], ctx.session, self.up.name, self.up.lz4, self.channels,
                               cut.indices, cut.values.detach(), ctx.labels if ctx.training else None, ctx.step,
-                              ctx.lr_scale if ctx.training else 1.0)
+                              ctx.lr_scale if ctx.training else 1.0, self.cut)
         return encode_message(message)
 
     def backward(self, reply: tuple[dict[str, Any], list[Any]], ctx: StepContext) -> torch.Tensor:

@@ -10,7 +10,9 @@ evaluates split inference and appends a CSV row: epoch, phase, budget, lr, train
 of training traffic up and down, counted at the socket (evaluation traffic
 is not counted: it is measurement, not training). A prune run also saves
 each phase's model into a model set: one head + tail checkpoint per budget
-and a manifest.json describing them.
+and a manifest.json describing them (store/modelset.py). ``--cut LAYER``
+trains at another layer than the pipeline's; a prune run into a folder that
+holds a model set adds that cut's models to it.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from sparse_rt.pipeline import Pipeline, get_pipeline
 from sparse_rt.store.checkpoint import save_checkpoint
 from sparse_rt.edge.client import EdgeClient
 from sparse_rt.train.local import load_data
-from sparse_rt.store.modelset import MANIFEST
+from sparse_rt.store.modelset import MANIFEST, add_models, check_joinable, model_folder, read_manifest
 from sparse_rt.pair import SplitPair
 from sparse_rt.train.loop import train
 from sparse_rt.train.schedules import EpochPlan
@@ -82,10 +84,16 @@ async def run_schedule(method: str, config: RunConfig, plan_for: Callable[[int],
         raise ConfigError("prune saves each budget's head and tail as a model set, and a running server keeps its "
                           "tail: run `sparse-rt train prune` without --connect")
     started = time.perf_counter()
-    pipeline = get_pipeline(config.pipeline)
-    data = load_data(pipeline, config)
+    registered = get_pipeline(config.pipeline)
+    pipeline = config.cut_pipeline(registered)
+    if connect is not None and pipeline.cut != registered.cut:
+        raise ConfigError(f"--cut {pipeline.cut} with --connect: a running server's tail is cut where its pipeline "
+                          f"is ('{registered.cut}'); train at another cut without --connect")
     training = config.resolved(pipeline)
     resolution, lr = training.resolution, training.lr
+    shared = {"pipeline": pipeline.name, "seed": config.seed, "resolution": resolution}
+    default_cut = _default_cut(out, shared, pipeline.cut) if method == "prune" else pipeline.cut
+    data = load_data(pipeline, config)
     torch.manual_seed(config.seed)
     train_loader, test_loader = data.loaders(training.batch_size, config.seed)
     pair = _split(config, pipeline, resolution, lr, connect, retries)
@@ -109,35 +117,46 @@ async def run_schedule(method: str, config: RunConfig, plan_for: Callable[[int],
             writer.writeheader()
             writer.writerows(asdict(row) for row in rows)
         if method == "prune" and epoch.phase_epoch == epoch.phase_epochs - 1:
-            models.append(_save_model(out, pair, pipeline.name, epoch, accuracy, config.seed, resolution,
-                                      sum(1 for e in plan if e.phase <= epoch.phase)))
+            entry = _save_model(out, model_folder(default_cut, pipeline.cut, epoch.budget), pair, pipeline, epoch,
+                                accuracy, config.seed, resolution, sum(1 for e in plan if e.phase <= epoch.phase))
+            models.append(entry)
+            # after every phase: the manifest always describes the checkpoints on disk, a stopped run's included
+            add_models(out, {"pipeline": pipeline.name, "cut": pipeline.cut, "channels": pair.cut.channels,
+                             "resolution": resolution, "seed": config.seed}, [entry])
 
     async with pair:
         mark.append(replace(pair.traffic))
         await train(pair.session, train_loader, plan, samples_per_epoch=len(data.y_train), progress=config.progress,
                     desc=f"{method} {pipeline.name}", on_epoch_end=on_epoch_end)
-    summary = {"method": method, "pipeline": pipeline.name, "seed": config.seed, "codec": config.codec,
-               "lz4": config.lz4, "channels": pair.cut.channels, "epochs": len(plan),
+    summary = {"method": method, "pipeline": pipeline.name, "cut": pipeline.cut, "seed": config.seed,
+               "codec": config.codec, "lz4": config.lz4, "channels": pair.cut.channels, "epochs": len(plan),
                "final_test_accuracy": rows[-1].test_accuracy, "bytes_up": rows[-1].bytes_up,
                "bytes_down": rows[-1].bytes_down, "seconds": round(time.perf_counter() - started, 3)}
     if models:
-        (out / MANIFEST).write_text(json.dumps({"pipeline": pipeline.name, "cut": pipeline.cut,
-                                                "channels": pair.cut.channels, "resolution": resolution,
-                                                "seed": config.seed, "models": models}, indent=2))
         summary["models"] = [model["budget"] for model in models]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _save_model(out: Path, pair: SplitPair, pipeline: str, epoch: EpochPlan, accuracy: float, seed: int,
-                resolution: int, epochs: int) -> dict[str, Any]:
-    """Save this phase's head and tail as one member of the model set; returns its manifest entry."""
-    folder = out / f"budget-{epoch.budget}"
-    meta = {"pipeline": pipeline, "budget": epoch.budget, "resolution": resolution, "seed": seed}
-    save_checkpoint(folder / "head.pt", pair.edge_model, **meta)
-    save_checkpoint(folder / "tail.pt", pair.server_model, **meta)
+def _default_cut(out: Path, shared: dict[str, Any], cut: str) -> str:
+    """The default cut of the model set this run adds to: the set's in ``out`` (checked to fit), else this run's."""
+    if not (out / MANIFEST).exists():
+        return cut
+    manifest = read_manifest(out)
+    check_joinable(out, manifest, shared)
+    return str(manifest["cut"])
+
+
+def _save_model(out: Path, folder: str, pair: SplitPair, pipeline: Pipeline, epoch: EpochPlan, accuracy: float,
+                seed: int, resolution: int, epochs: int) -> dict[str, Any]:
+    """Save this phase's head and tail in ``out/folder`` as one member of the model set; returns its manifest entry."""
+    meta = {"pipeline": pipeline.name, "cut": pipeline.cut, "budget": epoch.budget, "resolution": resolution,
+            "seed": seed}
+    save_checkpoint(out / folder / "head.pt", pair.edge_model, **meta)
+    save_checkpoint(out / folder / "tail.pt", pair.server_model, **meta)
     cut = pair.cut
-    return {"budget": epoch.budget, "channels_sent": epoch.budget, "head": f"{folder.name}/head.pt",
-            "tail": f"{folder.name}/tail.pt", "test_accuracy": accuracy, "epochs": epochs, "seed": seed,
-            "pipeline": pipeline,
+    return {"budget": epoch.budget, "cut": pipeline.cut, "channels": cut.channels, "sent_height": cut.sent_height,
+            "sent_width": cut.sent_width, "channels_sent": epoch.budget, "head": f"{folder}/head.pt",
+            "tail": f"{folder}/tail.pt", "test_accuracy": accuracy, "epochs": epochs, "seed": seed,
+            "pipeline": pipeline.name,
             "bytes_per_sample": payload_bytes_per_sample(epoch.budget, cut.sent_height, cut.sent_width)}

@@ -24,6 +24,7 @@ MAX_ID = 2**63 - 1
 MAX_CHANNELS = 65535  # channel indices travel as uint16
 MAX_EXTRA_CODECS = 8  # entries of a hello's codecs
 LZ4_SUFFIX = "+lz4"  # a codecs entry "int8+lz4": int8 inside an lz4 frame
+MAX_CUT_NAME = 64  # characters of a cut's layer name (the optional `cut` of hello, train and infer)
 
 Check = Callable[[Any], bool]
 
@@ -107,13 +108,16 @@ SCHEMAS: dict[str, dict[str, Check]] = {
 
 # Fields a message may leave out; absent means the default given in docs/PROTOCOL.md.
 OPTIONAL: dict[str, dict[str, Check]] = {
-    "train": {"lr_scale": _is_lr_scale},  # the tail's learning-rate multiplier for this step (default 1)
+    "train": {"lr_scale": _is_lr_scale,  # the tail's learning-rate multiplier for this step (default 1)
+              "cut": _str(MAX_CUT_NAME)},  # the layer its values are cut after (default: the session's cut)
+    "infer": {"cut": _str(MAX_CUT_NAME)},  # likewise: a model-set server with several cuts serves any it holds
     # the gradients' encoding when it differs from the activations' (default: codec and lz4)
     "hello": {"grad_codec": _str(16), "grad_lz4": _is_bool,
               "resume": _str(64),  # a session this client held: resumed if the server still has it for this peer
               "timing": _is_bool,  # true: every pred and grad of the session states server_ms
               # inference only: further encodings its infer messages may use ("int8", "fp16+lz4", ...)
-              "codecs": _str_list(MAX_EXTRA_CODECS, 16 + len(LZ4_SUFFIX))},
+              "codecs": _str_list(MAX_EXTRA_CODECS, 16 + len(LZ4_SUFFIX)),
+              "cut": _str(MAX_CUT_NAME)},  # the layer the session starts at (default: the server's default cut)
     # ms from reading the request off the socket to encoding this reply; only to a session whose hello had timing
     "pred": {"server_ms": _is_nonnegative},
     "grad": {"server_ms": _is_nonnegative},

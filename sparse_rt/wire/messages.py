@@ -46,6 +46,7 @@ class Hello:
     timing: bool | None = None  # True: the session's pred and grad replies state server_ms (sent only when True)
     # inference only: further encodings ("fp16", "int8+lz4") its infer messages may use besides codec/lz4
     codecs: tuple[str, ...] | None = None
+    cut: str | None = None  # the layer the session starts at, when not the server's default cut (sent only then)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Activations:
     labels: torch.Tensor | None = None  # (N,) int64 when training
     step: int = 0
     lr_scale: float = 1.0  # training only: the tail's learning rate times this for this step (schedules' boost)
+    cut: str | None = None  # the layer the values are cut after, when not the session's cut (sent only then)
 
     @property
     def kind(self) -> str:
@@ -164,6 +166,8 @@ def encode_message(msg: Message) -> list[Any]:
             if msg.lr_scale != 1.0:  # left out at its default: the common header stays as it was
                 fields["lr_scale"] = float(msg.lr_scale)
             frames.append(msg.labels.numpy().astype(LABEL_DTYPES[name]))
+        if msg.cut is not None:  # left out at the session's cut, as lr_scale at 1
+            fields["cut"] = msg.cut
         frames[0] = encode_header(fields)
         return frames
     if isinstance(msg, Gradients):
@@ -249,7 +253,8 @@ def _decode_body(fields: dict[str, Any], frames: Sequence[Any]) -> Message:
             if labels.numel() and labels.min() < 0:
                 raise WireError("labels must be non-negative class indices", "bad_labels")
         return Activations(rid, fields["session"], fields["codec"], fields["lz4"], fields["channels"], indices,
-                           _values(fields, frames[2]), labels, fields.get("step", 0), fields.get("lr_scale", 1.0))
+                           _values(fields, frames[2]), labels, fields.get("step", 0), fields.get("lr_scale", 1.0),
+                           fields.get("cut"))
     if kind == "grad":
         indices = _indices(frames[1], fields["shape"][1], None)
         return Gradients(rid, fields["session"], fields["step"], fields["codec"], fields["lz4"], indices,
@@ -264,7 +269,7 @@ def _decode_body(fields: dict[str, Any], frames: Sequence[Any]) -> Message:
         return Hello(rid, fields["pipeline"], fields["channels"], fields["budget"], fields["codec"], fields["lz4"],
                      fields["mode"], fields["resolution"], fields.get("grad_codec"), fields.get("grad_lz4"),
                      fields.get("resume"), fields.get("timing"),
-                     None if "codecs" not in fields else tuple(fields["codecs"]))
+                     None if "codecs" not in fields else tuple(fields["codecs"]), fields.get("cut"))
     if kind == "welcome":
         return Welcome(rid, fields["session"], fields["channels"], fields["sent_height"], fields["sent_width"],
                        fields["classes"], fields["limits"], fields["resumed"], fields["next_step"])
