@@ -165,8 +165,9 @@ class DeadlineController:
         known = self._compute.get(choice)
         if known is not None and known.value is not None:
             return known.value
-        # Untried: like the same model in another codec, else like the average of those tried.
-        same = [e.value for c, e in self._compute.items() if e.value is not None and c.budget == choice.budget]
+        # Untried: like the same model (cut and budget) in another codec, else like the average of those tried.
+        same = [e.value for c, e in self._compute.items()
+                if e.value is not None and (c.cut, c.budget) == (choice.cut, choice.budget)]
         tried = same or [e.value for e in self._compute.values() if e.value is not None]
         return sum(tried) / len(tried) if tried else 0.0
 
