@@ -338,10 +338,15 @@ def _edges_table(combined: dict) -> str:
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML file with the node's settings (see nodes/); options given here override it.")
-@click.option("--role", type=click.Choice(ROLES), help="server: serve the tail. edge: run the head.")
+@click.option("--role", type=click.Choice(ROLES), help="server: serve the tail. edge: run the head. broker: one "
+              "address for edges in front of several servers (replicas).")
 @click.option("--pipeline", help="Pipeline name (see `sparse-rt pipelines`) or module:attribute.")
 @click.option("--bind", help="Server: address to bind, e.g. tcp://0.0.0.0:5555 (port * picks a free one).")
 @click.option("--connect", help="Edge: the server's address, e.g. tcp://192.168.1.10:5555.")
+@click.option("--join", help="Server: serve as a replica behind the broker whose backend is here, instead of --bind.")
+@click.option("--backend", help="Broker: the address replicas join (--join), e.g. tcp://10.0.0.1:5556.")
+@click.option("--threads", type=click.IntRange(min=1), help="Server or edge: torch's threads (one replica per "
+              "core: 1).  [default: torch's, one per core]")
 @click.option("--mode", type=click.Choice(MODES), help="Edge: train the head, or only infer.  [default: train]")
 @click.option("--budget", type=click.IntRange(min=1), help="Edge: channels sent per sample (B). Default: all.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Edge: training epochs. Default: the pipeline's.")
@@ -420,6 +425,13 @@ def node(config_file: Path | None, **options) -> None:
 
     config = load_node_config(config_file, options)
     logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s {config.role} %(levelname)s %(message)s")
+    if config.role == "broker":
+        from sparse_rt.nodes.node import run_broker_node
+
+        summary = asyncio.run(run_broker_node(config))
+        if config.json:
+            click.echo(json.dumps(summary))
+        return
     if config.role == "server":
         summary = asyncio.run(run_server_node(config))
         if config.json:

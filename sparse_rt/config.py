@@ -65,18 +65,21 @@ class RunConfig:
         return at_cut(pipeline, self.cut)
 
 
-ROLES = ("server", "edge")
+ROLES = ("server", "edge", "broker")
 MODES = ("train", "infer")
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """One node process: a server or an edge. Read from TOML (``--config``) and the command line."""
+    """One node process: a server, an edge or a broker. Read from TOML (``--config``) and the command line."""
 
     role: str
-    pipeline: str
-    bind: str | None = None  # server: e.g. tcp://127.0.0.1:5555
+    pipeline: str = ""  # every role but the broker's
+    bind: str | None = None  # server: e.g. tcp://127.0.0.1:5555; broker: the address edges connect to
     connect: str | None = None  # edge: the server's address
+    join: str | None = None  # server: a broker's backend to join as one of its replicas, instead of binding
+    backend: str | None = None  # broker: the address replicas join
+    threads: int | None = None  # torch's threads in this process (None: torch's default, one per core)
     mode: str = "train"  # edge: train the head with the server, or ask for predictions
     budget: int | None = None
     epochs: int | None = None
@@ -119,8 +122,20 @@ class NodeConfig:
             raise ConfigError(f"role must be one of {', '.join(ROLES)}, got '{self.role}'")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
-        if self.role == "server" and not self.bind:
-            raise ConfigError("a server needs an address to bind, e.g. --bind tcp://127.0.0.1:5555")
+        if self.role == "server" and not (self.bind or self.join) or self.role == "broker" and not self.bind:
+            raise ConfigError(f"a {self.role} needs an address to bind, e.g. --bind tcp://127.0.0.1:5555"
+                              + (" (or --join BROKER_BACKEND)" if self.role == "server" else ""))
+        if self.role == "server" and self.bind and self.join:
+            raise ConfigError("a server binds its own address (--bind) or joins a broker (--join), not both")
+        if self.threads is not None and not (isinstance(self.threads, int) and self.threads >= 1):
+            raise ConfigError(f"threads must be a whole number of at least 1, got {self.threads!r}")
+        if self.role == "broker" and not self.backend:
+            raise ConfigError("a broker needs the address its replicas join, e.g. --backend tcp://127.0.0.1:5556")
+        if self.role != "broker" and not self.pipeline:
+            raise ConfigError("a node needs --pipeline (on the command line or in --config)")
+        if (self.join or self.role == "broker") and self.curve_key is not None:
+            raise ConfigError("CURVE through a broker is not supported yet: the replicas would not see the edges' "
+                              "keys; run brokered replicas on a private network (docs/SCALING.md)")
         if self.role == "edge" and not self.connect:
             raise ConfigError("an edge needs the server's address, e.g. --connect tcp://127.0.0.1:5555")
         if self.models is not None and (self.mode != "infer" and self.role == "edge" or self.resume):
@@ -210,7 +225,7 @@ def load_node_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig
                 "server_key"):
         if settings.get(key) is not None:
             settings[key] = Path(settings[key])
-    if "role" not in settings or "pipeline" not in settings:
+    if "role" not in settings or "pipeline" not in settings and settings["role"] != "broker":
         raise ConfigError("a node needs --role and --pipeline (on the command line or in --config)")
     try:
         return NodeConfig(**settings)

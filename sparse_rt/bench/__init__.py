@@ -12,6 +12,7 @@ function that returns a :class:`~sparse_rt.bench.common.BenchReport`:
 - restart: a server killed or stopped mid-training and resumed: how fast its edges go on, steps lost
 - fuzz: hostile messages at a live server (crashes, hangs, NaN, wrong replies, memory) and many sessions' memory
 - adaptive: inference with a deadline over a link whose rate changes: fixed budgets, the controller, an oracle
+- scale: inference replicas behind a broker: 1 against 2, and one killed mid-run
 """
 
-SUITES = ("transport", "codec", "e2e", "edges", "link", "exchange", "restart", "fuzz", "adaptive")
+SUITES = ("transport", "codec", "e2e", "edges", "link", "exchange", "restart", "fuzz", "adaptive", "scale")

@@ -19,7 +19,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -35,8 +35,8 @@ SYNTHETIC_BATCHES = 4  # distinct random batches each edge cycles through
 
 
 def edge_worker(index: int, pipeline: str, address: str, batch_size: int, warmup: int, seed: int,
-                ready: Any, go: Any, window: Any, results: Any) -> None:
-    """One edge process: connect, warm up, wait for the shared window, train in it, report.
+                ready: Any, go: Any, window: Any, results: Any, mode: str = "train") -> None:
+    """One edge process: connect, warm up, wait for the shared window, train (or infer) in it, report.
 
     Torch runs one thread here: 32 edges with a pool each would fight over
     the cores and measure the scheduler instead of the runtime.
@@ -44,28 +44,45 @@ def edge_worker(index: int, pipeline: str, address: str, batch_size: int, warmup
     import torch
 
     torch.set_num_threads(1)
-    report: dict[str, Any] = {"edge": index, "session": None, "sent": 0, "acked": 0, "done": [], "latency": [],
-                              "error": None}
+    report: dict[str, Any] = {"edge": index, "session": None, "sent": 0, "acked": 0, "failed": 0, "done": [],
+                              "latency": [], "error": None}
     try:
-        asyncio.run(_train_in_window(index, pipeline, address, batch_size, warmup, seed, ready, go, window, report))
+        asyncio.run(_run_in_window(index, pipeline, address, batch_size, warmup, seed, ready, go, window, report,
+                                   mode))
     except BaseException as exc:  # reported, never lost: the bench shows it
         report["error"] = f"{type(exc).__name__}: {exc}"
         ready.abort()  # wake the bench if it still waits for everyone
     results.put(report)
 
 
-async def _train_in_window(index: int, pipeline: str, address: str, batch_size: int, warmup: int, seed: int,
-                           ready: Any, go: Any, window: Any, report: dict[str, Any]) -> None:
-    from sparse_rt.edge.client import EdgeClient
+async def _run_in_window(index: int, pipeline: str, address: str, batch_size: int, warmup: int, seed: int,
+                         ready: Any, go: Any, window: Any, report: dict[str, Any], mode: str) -> None:
+    """Training steps (or inference requests, for bench scale) back to back inside the window.
 
-    async with EdgeClient(pipeline, address, mode="train", seed=seed, timeout=REQUEST_TIMEOUT) as client:
+    An inference request that fails (its server gone for longer than the
+    client's resends) is counted and the next one sent; a training step that
+    fails ends the edge, whose report says why.
+    """
+    from sparse_rt.edge.client import EdgeClient
+    from sparse_rt.errors import SparseRtError
+    from sparse_rt.transport.link import ServerUnreachable
+
+    async with EdgeClient(pipeline, address, mode=mode, seed=seed, timeout=REQUEST_TIMEOUT) as client:
         assert client.session is not None
         report["session"] = client.session.session_id
         data = synthetic_batches(client.pipeline, batch_size, SYNTHETIC_BATCHES, seed + index)
 
         async def step(k: int) -> None:
             report["sent"] += 1
-            await client.train_step(*data[k % len(data)])
+            x, y = data[k % len(data)]
+            if mode == "train":
+                await client.train_step(x, y)
+            else:
+                try:
+                    await client.infer(x)
+                except (ServerUnreachable, SparseRtError):
+                    report["failed"] += 1
+                    return
             report["acked"] += 1
 
         for k in range(warmup):
@@ -86,10 +103,13 @@ async def _train_in_window(index: int, pipeline: str, address: str, batch_size: 
 
 
 def run_window(edges: int, address: str, pipeline: str, batch_size: int, seconds: float, warmup: int,
-               seed: int) -> tuple[list[dict[str, Any]], float, float]:
-    """``edges`` edge processes train against the server at ``address`` in one shared window of ``seconds``.
+               seed: int, mode: str = "train", during: Callable[[float, float], None] | None = None
+               ) -> tuple[list[dict[str, Any]], float, float]:
+    """``edges`` edge processes train (or infer) against the server at ``address`` in one shared window.
 
-    Returns every edge's report and the window's start and end (time.time()).
+    ``during(start, end)`` runs in a thread once the window is set (bench
+    scale kills a replica from it). Returns every edge's report and the
+    window's start and end (time.time()).
     """
     context = multiprocessing.get_context("forkserver")
     # Children fork from a process that already imported torch (and torch._dynamo, which creating an Adam
@@ -97,7 +117,8 @@ def run_window(edges: int, address: str, pipeline: str, batch_size: int, seconds
     context.set_forkserver_preload(["torch._dynamo", "sparse_rt.edge.client", "sparse_rt.bench.edges"])
     ready, go, window, results = context.Barrier(edges + 1), context.Event(), context.Array("d", 2), context.Queue()
     workers = [context.Process(target=edge_worker, name=f"edge {k}", daemon=True,
-                               args=(k, pipeline, address, batch_size, warmup, seed, ready, go, window, results))
+                               args=(k, pipeline, address, batch_size, warmup, seed, ready, go, window, results,
+                                     mode))
                for k in range(edges)]
     reports: list[dict[str, Any]] = []
     try:
@@ -110,6 +131,9 @@ def run_window(edges: int, address: str, pipeline: str, batch_size: int, seconds
         start = time.time() + 0.2 + 0.02 * edges  # time for every edge to wake up before the window opens
         window[0], window[1] = start, start + seconds
         go.set()
+        if during is not None:
+            threading.Thread(target=during, args=(start, start + seconds), name="during the window",
+                             daemon=True).start()
         deadline = time.monotonic() + READY_TIMEOUT + seconds + 3 * REQUEST_TIMEOUT
         while len(reports) < edges:
             try:

@@ -14,9 +14,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, Mapping
 
 READY = re.compile(r"serving \S+ on (\S+?):? ")
+BACKEND = re.compile(r"replicas join at (\S+)")  # a broker's second address
 
 
 def node_arguments(options: dict[str, Any]) -> list[str]:
@@ -46,6 +48,7 @@ class NodeProcess:
                                         env=None if env is None else {**os.environ, **env})
         self.log: list[str] = []
         self.address: str | None = None
+        self.backend: str | None = None  # a broker's: where its replicas join
         self._ready = threading.Event()
         self._echo = echo
         self._stdout: list[str] = []
@@ -66,6 +69,8 @@ class NodeProcess:
                 sys.stderr.write(f"[{self._echo}] {line}")
             if self.address is None and (found := READY.search(line)):
                 self.address = found.group(1)
+                if found_backend := BACKEND.search(line):
+                    self.backend = found_backend.group(1)
                 self._ready.set()
         self._ready.set()  # the process ended: stop waiting for it
 
@@ -77,6 +82,15 @@ class NodeProcess:
             raise RuntimeError(f"the {self.role} node did not start serving within {timeout:g} s:\n"
                                + "".join(self.log[-20:]))
         return self.address
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 60.0) -> None:
+        """Until ``text`` is in ``count`` of the node's log lines (a broker's "joined", say); a timeout says so."""
+        deadline = time.monotonic() + timeout
+        while sum(text in line for line in list(self.log)) < count:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"the {self.role} node did not log {text!r} {count} time(s) within {timeout:g} s:"
+                                   "\n" + "".join(self.log[-20:]))
+            time.sleep(0.05)
 
     def stop(self) -> None:
         """Ask for a clean stop, as Ctrl-C would."""

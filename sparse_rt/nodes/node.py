@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import torch
 import zmq
 import zmq.asyncio
 
@@ -33,7 +34,8 @@ from sparse_rt.train.loop import TrainingResult, train
 from sparse_rt.train.schedules import deprune, fixed, parse_phases
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.server.trust import AllowList, start_authenticator
-from sparse_rt.transport.connection import bind_router, is_local
+from sparse_rt.cluster.broker import Broker, send_heartbeats
+from sparse_rt.transport.connection import bind_router, is_local, join_broker
 from sparse_rt.transport.link import ServerUnreachable
 from sparse_rt.transport.curve import curve_server, load_key_pair
 from sparse_rt.wire.header import MAX_HEADER_BYTES
@@ -65,6 +67,7 @@ def stop_on_signals() -> asyncio.Event:
 async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     """Serve until SIGINT/SIGTERM; returns the server's summary."""
     started = time.perf_counter()
+    _use_threads(config)
     pipeline = get_pipeline(config.pipeline)
     training = config.resolved(pipeline)
     model_set, cut_name, cuts = None, pipeline.cut, {}
@@ -100,13 +103,18 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
         allow = AllowList(config.allow_keys, config.allow_infer_keys)
         authenticator = start_authenticator(context, allow)
         options.append(curve_server(keys))
-    elif not is_local(config.bind):
+    elif config.bind is not None and not is_local(config.bind):
         log.warning("serving %s without CURVE: anyone who reaches it can train the shared tail and read its "
                     "traffic; see docs/SECURITY.md (--curve-key, --allow-keys)", config.bind)
-    connection = bind_router(context, config.bind,
-                             max(largest_frame([cut, *cuts.values()], config.max_batch), MAX_HEADER_BYTES),
-                             options=options)
-    endpoint = connection.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    frame_limit = max(largest_frame([cut, *cuts.values()], config.max_batch), MAX_HEADER_BYTES)
+    heartbeats: asyncio.Task[None] | None = None
+    if config.join is not None:  # a replica: its requests come through the broker (cluster/broker.py)
+        connection = join_broker(context, config.join, frame_limit)
+        heartbeats = asyncio.create_task(send_heartbeats(connection), name="heartbeats")
+        endpoint = config.join
+    else:
+        connection = bind_router(context, config.bind, frame_limit, options=options)
+        endpoint = connection.socket.getsockopt_string(zmq.LAST_ENDPOINT)
     metrics = MetricsLog(config.metrics)
     chain = server_chain(model, optimizer, max_grad_norm=config.max_grad_norm or math.inf,
                          max_lr_scale=config.max_lr_scale)
@@ -114,15 +122,17 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
                          metrics=metrics, after_step=checkpoints.after_step,
                          after_open=(lambda: checkpoints.now("with a new session")) if config.checkpoint_every else None,
                          model_set=model_set, allow=allow, cut_name=cut_name, cuts=cuts,
-                         reveal=allow is not None or is_local(config.bind), max_sessions=config.max_sessions,
+                         reveal=allow is not None or is_local(config.bind or config.join),
+                         max_sessions=config.max_sessions,
                          session_idle=config.session_idle, max_batch=config.max_batch)
     try:
         server.table.restore(sessions)  # with the tail they trained: their edges go on where the checkpoint was
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{config.checkpoint}: its session table is unreadable ({exc!r})") from None
     stop = stop_on_signals()
-    log.info("serving %s on %s: cut after '%s', %d channels of %dx%d (sent at %dx%d)", pipeline.name, endpoint,
-             cut_name, cut.channels, cut.height, cut.width, cut.sent_height, cut.sent_width)
+    log.info("serving %s on %s: cut after '%s', %d channels of %dx%d (sent at %dx%d)%s", pipeline.name, endpoint,
+             cut_name, cut.channels, cut.height, cut.width, cut.sent_height, cut.sent_width,
+             ", a replica behind the broker there" if config.join else "")
     serving = asyncio.create_task(server.serve(), name="server")
     stopping = asyncio.create_task(stop.wait(), name="stop")
     try:
@@ -133,6 +143,8 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     finally:
         stopping.cancel()
         serving.cancel()
+        if heartbeats is not None:
+            heartbeats.cancel()
         outcome = (await asyncio.gather(serving, return_exceptions=True))[0]
         saved = checkpoints.final()
         if config.checkpoint is not None and saved:
@@ -160,8 +172,49 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
             "bytes_out": connection.traffic.bytes_sent, "seconds": round(time.perf_counter() - started, 3)}
 
 
+def _use_threads(config: NodeConfig) -> None:
+    """Replicas on one machine each take their share of the cores instead of all competing for all of them."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+
+
+async def run_broker_node(config: NodeConfig) -> dict[str, Any]:
+    """Broker until SIGINT/SIGTERM: edges at ``bind``, replicas at ``backend``; returns its summary."""
+    assert config.bind is not None and config.backend is not None
+    started = time.perf_counter()
+    context = zmq.asyncio.Context()
+    frontend = bind_router(context, config.bind)
+    backend = bind_router(context, config.backend)
+    addresses = [c.socket.getsockopt_string(zmq.LAST_ENDPOINT) for c in (frontend, backend)]
+    if not is_local(config.bind):
+        log.warning("brokering %s without CURVE: the replicas behind it are as open as a server without it; see "
+                    "docs/SCALING.md", config.bind)
+    broker = Broker(frontend, backend)
+    stop = stop_on_signals()
+    log.info("serving edges on %s: replicas join at %s", *addresses)
+    serving = asyncio.create_task(broker.serve(), name="broker")
+    stopping = asyncio.create_task(stop.wait(), name="stop")
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        serving.cancel()
+        outcome = (await asyncio.gather(serving, return_exceptions=True))[0]
+        for connection in (frontend, backend):
+            connection.close(linger_ms=REPLY_LINGER_MS)
+        context.term()
+    if isinstance(outcome, Exception) and not isinstance(outcome, asyncio.CancelledError):
+        raise outcome
+    summary = broker.table.summary()
+    log.info("stopped: %d requests, %d replies, %d resent after a replica went silent, %d replicas joined, %d lost",
+             summary["requests"], summary["replies"], summary["resent"], summary["joined"], summary["lost"])
+    return {"role": "broker", "address": addresses[0], "backend": addresses[1], **summary,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
 async def run_edge_node(config: NodeConfig) -> tuple[RunSummary, int]:
     """Train with (or ask predictions of) the server, evaluate; returns the summary and the exit code."""
+    _use_threads(config)
     started = time.perf_counter()
     pipeline = get_pipeline(config.pipeline)
     data = load_data(pipeline, config.run_config())

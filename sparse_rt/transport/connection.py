@@ -204,6 +204,34 @@ def bind_router(context: zmq.asyncio.Context, address: str, max_message_bytes: i
     return _layered(open_socket(context, zmq.ROUTER, "bind", address, options), shaper)
 
 
+class Enveloped(Layer):
+    """A replica's socket to a broker: a DEALER whose messages start with the edge's routing id.
+
+    The server reads and answers them as it does a ROUTER's, so one server
+    runs bound (alone) or joined to a broker (a replica) unchanged. A send
+    without a route (the replica's heartbeat) goes to the broker itself.
+    """
+
+    routed = True
+
+    async def send(self, frames: Sequence[Any], route: bytes | None = None) -> None:
+        await self.inner.send(list(frames) if route is None else [route, *frames])
+
+    async def recv(self) -> tuple[bytes | None, list[zmq.Frame]]:
+        while True:
+            _, frames = await self.inner.recv()
+            if len(frames) >= 2:  # the edge's id and its message; the broker sends nothing else
+                return frames.pop(0).bytes, frames
+
+
+def join_broker(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None,
+                options: Iterable[SocketOption] = ()) -> Counted:
+    """A replica's socket: connected to a broker's backend (cluster/broker.py), which it reconnects to if lost."""
+    connection = open_socket(context, zmq.DEALER, "connect", address,
+                             [reconnect_backoff(), *_options(max_message_bytes, options)])
+    return Counted(Enveloped(connection))
+
+
 def connect_dealer(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None,
                    shaper: Shaper | None = None, options: Iterable[SocketOption] = ()) -> Counted:
     """An edge's socket (its sends are the uplink).
