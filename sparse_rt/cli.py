@@ -222,6 +222,9 @@ def train_prune(phases: str, pipeline: str, out: Path, **options) -> None:
 def train_exit(folder: Path, epochs: int, data: Path | None, progress: bool) -> None:
     """Add an early exit to every model of a model set, its head frozen, with a calibration table per threshold.
 
+    The table is measured on the even-indexed test images only, so that
+    `sparse-rt bench adaptive` can measure the exits on the others.
+
     \b
     Example:
       sparse-rt train prune cifar_cnn --phases C:8,16:3,8:2,2:3 --out runs/set
@@ -231,7 +234,9 @@ def train_exit(folder: Path, epochs: int, data: Path | None, progress: bool) -> 
     from sparse_rt.train.exits import ExitTraining, train_exits
 
     manifest = train_exits(folder, data, ExitTraining(epochs=epochs), progress)
-    click.echo(f"{folder}: an early exit for each of {len(manifest['models'])} models")
+    calibrated = manifest["models"][0]["exit"]
+    click.echo(f"{folder}: an early exit for each of {len(manifest['models'])} models, calibrated on "
+               f"{calibrated['calibration_count']} test images ({calibrated['calibration_images']})")
     click.echo(f"  {'model':>12}  {'threshold':>9}  {'on device':>9}  {'exit acc':>8}  {'server acc':>10}  "
                f"{'together':>8}")
     for model in manifest["models"]:

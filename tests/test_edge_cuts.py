@@ -44,20 +44,34 @@ async def test_the_cut_moves_between_requests_on_one_session(two_cut_set, served
     assert sent[Choice(8, cut="block2")] < sent[Choice(8)] / 2
 
 
-async def test_a_cut_the_set_does_not_hold_is_refused_here_before_anything_is_sent(two_cut_set):
+async def test_a_cut_the_set_does_not_hold_is_refused_here_and_leaves_the_client_as_it_was(two_cut_set):
     edge = EdgeClient("digits_cnn", "tcp://127.0.0.1:1", model_set=two_cut_set)
+    before = (edge.choice, edge.chain, edge.edge_model, edge.budget)
     with pytest.raises(ConfigError, match="block1, block2"):
         edge.select(Choice(8, cut="classifier.0"))
     with pytest.raises(ConfigError, match="holds 8, 64"):
         edge.select(Choice(32, cut="block2"))
+    with pytest.raises(ConfigError, match="no early exit"):  # the set has none: nothing half switched either
+        edge.select(Choice(8, exit=0.5))
+    assert (edge.choice, edge.chain, edge.edge_model, edge.budget) == before
+
+
+def test_a_client_of_a_set_with_several_cuts_names_its_cut_so_no_server_default_decides(two_cut_set, model_set):
+    """A server's default cut may be another than this set's: with several cuts every request says which."""
+    several = EdgeClient("digits_cnn", "tcp://127.0.0.1:1", model_set=two_cut_set)
+    assert several.settings.cut == "block1" and several.chain.codec.cut == "block1"  # the hello, the requests
+    several.select(Choice(8))
+    assert several.choice == Choice(8, cut="block1")
+    one = EdgeClient("digits_cnn", "tcp://127.0.0.1:1", model_set=model_set)
+    assert one.settings.cut is None and one.chain.codec.cut is None  # one cut: nothing to tell apart
 
 
 def test_the_controller_chooses_among_the_cuts_of_the_manifest(two_cut_set):
     manifest = read_manifest(two_cut_set)
     options = options_from_manifest(manifest)
-    assert {o.choice.cut for o in options} == {None, "block2"}  # the default cut is not named
+    assert {o.choice.cut for o in options} == {"block1", "block2"}  # with several cuts, each is named
     labels = {o.choice.label for o in options}
-    assert "block2:64/fp32" in labels and "32/fp32" in labels
+    assert "block2:64/fp32" in labels and "block1:32/fp32" in labels
 
 
 class Alternate:

@@ -257,3 +257,29 @@ def test_the_cut_survives_a_checkpoint_and_old_checkpoints_load_at_the_default_c
     legacy = _two_cuts()
     legacy.restore([{k: v for k, v in entry.items() if k != "cut"} for entry in saved])
     assert legacy.sessions[session.id].cut == "block1"
+
+
+def test_a_restored_session_at_a_cut_no_longer_served_is_dropped_with_a_warning(caplog):
+    table = _two_cuts()
+    kept = table.open(b"peer", Hello(1, "digits_cnn", 32, 8, "fp32", False, "infer"))
+    gone = table.open(b"peer", Hello(2, "digits_cnn", 64, 8, "fp32", False, "infer", cut="block2"))
+    saved = table.snapshot()
+    # The server came back with a set that holds block1 only: block2's session could not answer a single request.
+    one_cut = SessionTable(ServedCut("digits_cnn", CUT, 10, 0, frozenset({8, 32}), trains=False, name="block1"))
+    with caplog.at_level("INFO", logger="sparse_rt.server"):
+        one_cut.restore(saved)
+    assert set(one_cut.sessions) == {kept.id}
+    assert one_cut.session_for(b"peer", _at(kept.id, None, 32, 8, 4)) is one_cut.sessions[kept.id]
+    lines = [record.getMessage() for record in caplog.records if record.name == "sparse_rt.server"]
+    assert any(f"dropped session {gone.id}" in line and "cut 'block2' is not served here" in line
+               for line in lines), lines
+    assert "restored 1 session(s) from the checkpoint" in lines
+    warnings = [record for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1 and gone.id in warnings[0].getMessage()
+    with pytest.raises(WireError) as unknown:  # its edge is told so, and opens a new session
+        one_cut.session_for(b"peer", _at(gone.id, None, 64, 8, 2))
+    assert unknown.value.code == "unknown_session"
+
+    unnamed = SessionTable(ServedCut("digits_cnn", CUT, 10, 0))  # a server that names no cut drops a named one
+    unnamed.restore([entry for entry in saved if entry["id"] == kept.id])
+    assert unnamed.sessions == {}

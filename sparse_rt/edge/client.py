@@ -22,7 +22,7 @@ import torch
 import zmq.asyncio
 
 from sparse_rt.errors import ConfigError
-from sparse_rt.model.sides import CutShape, EdgeModel
+from sparse_rt.model.sides import EdgeModel
 from sparse_rt.pipeline import Pipeline, TrainingSettings, get_pipeline
 from sparse_rt.assembly import edge_chain, edge_side
 from sparse_rt.store.checkpoint import read_checkpoint, save_checkpoint
@@ -30,8 +30,8 @@ from sparse_rt.edge.controller import (PRECISION, Choice, DeadlineController, De
                                       options_from_manifest)
 from sparse_rt.edge.session import EdgeSession, SessionSettings
 from sparse_rt.metrics import MetricsLog
-from sparse_rt.stages.exit import NEVER, ConfidenceExit, load_exit
-from sparse_rt.store.modelset import ModelSet, entry_cut, load_model_sets, read_manifest
+from sparse_rt.stages.exit import NEVER, ConfidenceExit
+from sparse_rt.store.modelset import ModelSet, load_exits, load_model_sets, read_manifest
 from sparse_rt.stages.base import StepContext
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.stages.source import Batch, batches
@@ -86,13 +86,14 @@ class EdgeClient:
         if budget is None:
             budget = meta.get("budget")
         self.heads: ModelSet | None = None  # a model set's heads, by (cut, budget)
-        self.exits: dict[tuple[str, int], ConfidenceExit] = {}  # its early exits, likewise
+        self._exits: dict[tuple[str, int], ConfidenceExit] | None = None  # its early exits, read when first asked
+        self._manifest: dict[str, Any] | None = None
         if model_set is not None:
             if mode != "infer":
                 raise ConfigError("a model set serves inference only: use mode='infer'")
+            self._model_set, self._manifest = Path(model_set), read_manifest(Path(model_set))
             self.heads = load_model_sets(Path(model_set), self.pipeline, "head")
             self.cut, resolution = self.heads.cuts[self.heads.default_cut], self.heads.resolution
-            self.exits = load_exits(Path(model_set), self.heads.cuts, self.pipeline.num_classes)
             budget = max(self.heads.budgets()) if budget is None else budget
             self.edge_model = self._head_for(Choice(budget))
         else:
@@ -102,13 +103,14 @@ class EdgeClient:
         self._stages, self._codecs = tuple(stages), dict(codec=codec, lz4=lz4, grad_codec=grad_codec)
         self._optimizer = lambda params: build_optimizer(params, training.optimizer, training.lr,
                                                          training.weight_decay)
-        self.chain = edge_chain(self.edge_model, self._optimizer, stages=self._stages, **self._codecs)
-        self._chains = {Choice(self.budget, codec, lz4): self.chain}  # one per model, codec and exit, built once
-        self.choice = Choice(self.budget, codec, lz4)
+        self.choice = self._named(Choice(self.budget, codec, lz4))
+        self.chain = edge_chain(self.edge_model, self._optimizer, stages=self._stages, cut=self.choice.cut,
+                                **self._codecs)
+        self._chains = {self.choice: self.chain}  # one per model, codec and exit, built once
         self.optimizer = self.chain.optimizer.optimizer
         self.resumed = checkpoint.restore(self.chain.module, self.optimizer) if checkpoint is not None else {}
         self.settings = SessionSettings.of_chain(self.chain, self.pipeline.name, mode, resolution)
-        self.policy = self._policy(policy, deadline_ms, max_bytes_per_s, model_set, adapt_codecs, lz4, early_exit)
+        self.policy = self._policy(policy, deadline_ms, max_bytes_per_s, adapt_codecs, lz4, early_exit)
         if self.policy is not None:  # every encoding the policy may pick is agreed at the handshake
             others = {entry_name((o.choice.codec, o.choice.lz4)) for o in self.policy.options}
             others.discard(entry_name((codec, lz4)))
@@ -189,7 +191,7 @@ class EdgeClient:
         return self
 
     def _policy(self, policy: Policy | None, deadline_ms: float | None, max_bytes_per_s: float | None,
-                model_set: str | Path | None, codecs: Sequence[str], lz4: bool, early_exit: bool) -> Policy | None:
+                codecs: Sequence[str], lz4: bool, early_exit: bool) -> Policy | None:
         """The policy that chooses each request's budget and codec: yours, or a deadline controller."""
         if policy is None and deadline_ms is None:
             if max_bytes_per_s is not None:
@@ -197,20 +199,45 @@ class EdgeClient:
             if early_exit:
                 raise ConfigError("early_exit lets a deadline controller answer on the device: give deadline_ms too")
             return None
-        if model_set is None:
+        if self._manifest is None:
             raise ConfigError("choosing a budget per request needs a model set: EdgeClient(..., model_set=FOLDER) "
                               "from `sparse-rt train prune`")
         if policy is not None:
             return policy
         assert deadline_ms is not None
         try:
-            options = options_from_manifest(read_manifest(Path(model_set)), codecs, lz4, exits=early_exit)
+            options = options_from_manifest(self._manifest, codecs, lz4, exits=early_exit)
         except ValueError as exc:
-            raise ConfigError(f"{model_set}: {exc}") from None
+            raise ConfigError(f"{self._model_set}: {exc}") from None
         return DeadlineController(options, deadline_ms, max_bytes_per_s=max_bytes_per_s,
                                   classes=self.pipeline.num_classes)
 
+    @property
+    def exits(self) -> dict[tuple[str, int], ConfidenceExit]:
+        """The model set's early exits by (cut, budget), read on first use (a client that never exits never reads
+        them, so a broken exit file cannot stop it)."""
+        if self._exits is None:
+            classifiers = ({} if self.heads is None or self._manifest is None else
+                           load_exits(self._model_set, self._manifest, self.heads.cuts, self.pipeline.num_classes))
+            self._exits = {key: ConfidenceExit(self.heads.cuts[key[0]].channels, self.pipeline.num_classes, NEVER,
+                                               classifier=classifier)  # type: ignore[union-attr]
+                           for key, classifier in classifiers.items()}
+        return self._exits
+
+    def _named(self, choice: Choice) -> Choice:
+        """``choice`` as requests state it: the cut named when the set holds several (so the server cannot take
+        another default than this set's), left out when it holds one."""
+        if self.heads is None:
+            return choice
+        several = len(self.heads.cuts) > 1
+        if several and choice.cut is None:
+            return dataclasses.replace(choice, cut=self.heads.default_cut)
+        if not several and choice.cut == self.heads.default_cut:
+            return dataclasses.replace(choice, cut=None)
+        return choice
+
     def _model_key(self, choice: Choice) -> tuple[str, int]:
+        """(cut, budget) of the model that serves ``choice``."""
         assert self.heads is not None
         return (self.heads.default_cut if choice.cut is None else choice.cut), choice.budget
 
@@ -240,26 +267,26 @@ class EdgeClient:
         to (a policy's are); the server refuses others with ``bad_codec``.
         Another cut needs a server that holds it (one serving the same set).
         """
-        if self.heads is not None and choice.cut == self.heads.default_cut:
-            choice = dataclasses.replace(choice, cut=None)  # the default cut is not named in requests
+        choice = self._named(choice)
         if choice == self.choice:
             return
-        self.edge_model = self._head_for(choice)
+        head = self._head_for(choice)  # every check before anything changes: a refused choice leaves all as it was
         stages = self._stages
+        exit_stage = None
         if choice.exit is not None:
             exit_stage = self.exits.get(self._model_key(choice))
             if exit_stage is None:
                 raise ConfigError(f"the model set has no early exit for {choice.label}: add exits with "
                                   "`sparse-rt train exit DIR`")
-            exit_stage.threshold = choice.exit
             stages = (*stages, exit_stage)
         key = dataclasses.replace(choice, exit=None if choice.exit is None else NEVER)  # one chain for every threshold
         chain = self._chains.get(key)
         if chain is None:
             codecs = dict(self._codecs, codec=choice.codec, lz4=choice.lz4)
-            chain = self._chains[key] = edge_chain(self.edge_model, self._optimizer, stages=stages, cut=choice.cut,
-                                                   **codecs)
-        self.chain, self.choice = chain, choice
+            chain = self._chains[key] = edge_chain(head, self._optimizer, stages=stages, cut=choice.cut, **codecs)
+        if exit_stage is not None:
+            exit_stage.threshold = choice.exit  # type: ignore[assignment]
+        self.edge_model, self.chain, self.choice = head, chain, choice
         self.optimizer = self.chain.optimizer.optimizer
         if choice.cut == self.settings.cut:  # what a new handshake proposes (it opens at the session's cut)
             self.settings = dataclasses.replace(self.settings, budget=choice.budget)
@@ -274,7 +301,9 @@ class EdgeClient:
         this request first, and what it cost teaches the policy.
         """
         if self.policy is None:
-            return await self._session.infer(x)
+            logits, ctx = await self._session.infer_traced(x)
+            self.last_on_device = on_device(ctx, len(x))
+            return logits
         session = self._session
         decision = self.policy.choose(session.estimate, len(x))
         self.select(decision.choice)
@@ -366,19 +395,6 @@ def on_device(ctx: StepContext, samples: int) -> torch.Tensor:
         if ctx.rows is not None:
             answered[ctx.rows.cpu()] = False
     return answered
-
-
-def load_exits(folder: Path, cuts: dict[str, CutShape], num_classes: int) -> dict[tuple[str, int], ConfidenceExit]:
-    """The early exits of a model set, by (cut, budget) (none until `sparse-rt train exit` added them)."""
-    manifest = read_manifest(folder)
-    exits = {}
-    for entry in manifest["models"]:
-        if "exit" in entry:
-            cut = entry_cut(manifest, entry)
-            channels = cuts[cut].channels
-            exits[cut, int(entry["budget"])] = ConfidenceExit(
-                channels, num_classes, NEVER, classifier=load_exit(folder, entry, channels, num_classes))
-    return exits
 
 
 class SyncEdgeClient:

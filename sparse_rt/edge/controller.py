@@ -1,10 +1,12 @@
-"""Choosing, before each inference request, what to send: the budget and codec that meet a deadline.
+"""Choosing, before each inference request, what to send: the cut, budget, codec and exit that meet a deadline.
 
-A model set (`sparse-rt train prune`) holds one head and tail per budget;
-its manifest says how accurate each is and how many bytes a sample costs in
-each codec. With the link estimate (estimate.py) the edge predicts every
-choice's latency: its own and the server's compute, as measured per choice,
-plus the network's time for its bytes. Among the choices predicted to meet
+A model set (`sparse-rt train prune`, per cut) holds one head and tail per
+cut and budget; its manifest says how accurate each is, how many bytes a
+sample costs in each codec and, with `sparse-rt train exit`, how many samples
+its early exit answers at each threshold and how well. With the link
+estimate (estimate.py) the edge predicts every choice's latency: its own and
+the server's compute, as measured per choice, plus the network's time for
+the bytes it sends. Among the choices predicted to meet
 the deadline it takes the most accurate; when none does, the fastest, and
 the decision says so.
 
@@ -104,11 +106,13 @@ def options_from_manifest(manifest: dict[str, Any], codecs: Sequence[str] = PREC
     on the device (`sparse-rt train exit`), at the calibrated accuracy.
     """
     options = []
+    default = manifest.get("cut")
+    cuts = {str(model.get("cut", default)) for model in manifest["models"]}
     for model in manifest["models"]:
         sizes = model.get("bytes_per_sample", {})
         measured = model.get("accuracy", {})
-        cut = model.get("cut")
-        cut = None if cut is None or cut == manifest.get("cut") else str(cut)
+        cut = str(model.get("cut", default))
+        cut = cut if len(cuts) > 1 else None  # named where the set holds several, as EdgeClient's requests name it
         calibration = model.get("exit", {}).get("calibration", []) if exits else []
         for codec in codecs:
             if codec not in sizes:
@@ -161,13 +165,21 @@ class DeadlineController:
         if self.probe_every < 1:
             raise ValueError(f"probe_every must be at least 1, got {self.probe_every}")
 
+    def _local_only(self, option: Option) -> bool:
+        """Whether every sample is sure to be answered on the device: only at a threshold no softmax can miss."""
+        threshold = option.choice.exit
+        return threshold is not None and threshold <= 1 / (self.classes or REPLY_BYTES_PER_SAMPLE // 4)
+
     def _compute_ms(self, choice: Choice) -> float:
         known = self._compute.get(choice)
         if known is not None and known.value is not None:
             return known.value
-        # Untried: like the same model (cut and budget) in another codec, else like the average of those tried.
+        # Untried: like the same model (cut and budget) in another codec, answered the same way (on the device
+        # only, or not), else like the average of those tried.
+        local = self._local_only(Option(choice, 0.0, 0.0))
         same = [e.value for c, e in self._compute.items()
-                if e.value is not None and (c.cut, c.budget) == (choice.cut, choice.budget)]
+                if e.value is not None and (c.cut, c.budget) == (choice.cut, choice.budget)
+                and self._local_only(Option(c, 0.0, 0.0)) == local]
         tried = same or [e.value for e in self._compute.values() if e.value is not None]
         return sum(tried) / len(tried) if tried else 0.0
 
@@ -177,7 +189,7 @@ class DeadlineController:
         return up, REQUEST_OVERHEAD_BYTES // 2 + math.ceil(sent * 4 * (self.classes or REPLY_BYTES_PER_SAMPLE // 4))
 
     def predict_ms(self, option: Option, estimate: LinkEstimate, samples: int) -> float | None:
-        if option.exit_share >= 1:  # every sample is answered on the device: nothing crosses the network
+        if self._local_only(option):  # every sample is answered on the device: nothing crosses the network
             return self._compute_ms(option.choice)
         network = estimate.predict_ms(*self._bytes(option, samples))
         return None if network is None else network + self._compute_ms(option.choice)

@@ -365,20 +365,33 @@ class SessionTable:
                  "steps": self.stats.steps_per_session.get(s.id, 0)} for s in self.sessions.values()]
 
     def restore(self, sessions: list[dict[str, Any]]) -> None:
-        """Sessions from a checkpoint: their edges go on where the checkpoint left them (replies are not kept)."""
+        """Sessions from a checkpoint: their edges go on where the checkpoint left them (replies are not kept).
+
+        A session at a cut this server no longer serves (it restarted with
+        another model set or cut) is dropped with a warning: every request of
+        it would fail, and its edge opens a new session when told its own is
+        unknown.
+        """
+        restored = 0
         for saved in sessions:
             # timing, codecs and cut are later than the rest: a checkpoint written before them has none of them
+            cut = saved.get("cut") or self.served.name
+            problem = self.served.cut_problem(cut)
+            if problem:
+                log.warning("dropped session %s from the checkpoint: %s", printable(saved["id"]),
+                            printable(problem))
+                continue
             session = Session(saved["id"], bytes.fromhex(saved["owner"]), saved["mode"], saved["budget"],
                               saved["codec"], saved["lz4"], saved["grad_codec"], saved["grad_lz4"],
                               timing=bool(saved.get("timing", False)),
                               codecs=frozenset(map(codec_entry, saved.get("codecs", ()))),
-                              cut=saved.get("cut") or self.served.name,
-                              last_step=saved["last_step"], last_seen=self.clock(), restored=True)
+                              cut=cut, last_step=saved["last_step"], last_seen=self.clock(), restored=True)
             self.sessions[session.id] = session
+            restored += 1
             if saved["steps"]:
                 self.stats.steps_per_session[session.id] = saved["steps"]
-        if sessions:
-            log.info("restored %d session(s) from the checkpoint", len(sessions))
+        if restored:
+            log.info("restored %d session(s) from the checkpoint", restored)
 
     def applied(self, session: Session, step: int, reply: Any) -> None:
         session.last_step, session.last_reply = step, reply

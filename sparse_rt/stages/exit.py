@@ -14,15 +14,12 @@ afterwards instead, with the head frozen (train/exits.py).
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from sparse_rt.stages.base import Stage, StepContext
-from sparse_rt.store.checkpoint import read_checkpoint
 
 # The classifier pools the features to 2x2 places rather than one: a global pool loses where things are,
 # which on digits_cnn left the exit sure of a tenth of the test digits instead of most of them.
@@ -70,10 +67,3 @@ class ConfidenceExit(Stage, nn.Module):
         self.answered += int(confident.sum())
         ctx.answer(confident, logits[confident], len(x))
         return x[~confident]
-
-
-def load_exit(folder: Path, entry: dict[str, Any], channels: int, num_classes: int) -> nn.Module:
-    """The exit classifier a manifest entry names, ready for inference."""
-    classifier = exit_classifier(channels, num_classes)
-    read_checkpoint(Path(folder) / entry["exit"]["classifier"]).restore(classifier)
-    return classifier.eval()

@@ -162,3 +162,19 @@ def _load(folder: Path, pipeline: Pipeline, side: str, only_default: bool) -> Mo
         raise DataError(f"{folder}: the model set holds no models" if not loaded.cuts else
                         f"{folder}: the model set holds no models at its default cut '{default}'")
     return loaded
+
+
+def load_exits(folder: Path, manifest: dict[str, Any], cuts: dict[str, CutShape],
+               num_classes: int) -> dict[tuple[str, int], nn.Module]:
+    """The exit classifiers of a set's models, by (cut, budget): none until `sparse-rt train exit` added them."""
+    from sparse_rt.stages.exit import exit_classifier
+
+    classifiers = {}
+    for entry in manifest["models"]:
+        cut = entry_cut(manifest, entry)
+        if "exit" not in entry or cut not in cuts:
+            continue
+        classifier = exit_classifier(cuts[cut].channels, num_classes)
+        read_checkpoint(Path(folder) / entry["exit"]["classifier"]).restore(classifier)
+        classifiers[cut, int(entry["budget"])] = classifier.eval()
+    return classifiers
