@@ -1,0 +1,386 @@
+"""Offline checks of the deployment recipes: nodes/Dockerfile and the Kubernetes manifests under nodes/k8s/.
+
+No cluster and no container runtime run in CI, so nothing here builds an image or applies a manifest.
+What can be checked without them is: every manifest against the Kubernetes schemas (strict, so a
+misspelt field fails), every `sparse-rt` command line in them through the real CLI into a valid
+NodeConfig, the selectors, ports and addresses that tie the objects together, and what the
+Dockerfile installs and runs.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import all_versions, major_minor
+
+from sparse_rt.cli import cli, node
+from sparse_rt.config import NodeConfig, load_node_config
+from sparse_rt.pipeline import get_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "nodes" / "k8s"
+DOCKERFILE = REPO / "nodes" / "Dockerfile"
+DOCKERIGNORE = REPO / "nodes" / "Dockerfile.dockerignore"  # BuildKit's ignore file for nodes/Dockerfile
+KUBERNETES_VERSION = "1.30"
+NAME, COMPONENT = "app.kubernetes.io/name", "app.kubernetes.io/component"
+WORKLOADS = ("Deployment", "Job", "Pod")
+
+
+def _documents() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for path in sorted([*K8S.rglob("*.yaml"), *K8S.rglob("*.yml")]):
+        with open(path) as file:
+            for index, doc in enumerate(yaml.safe_load_all(file)):
+                if doc is not None:
+                    found.append((f"{path.relative_to(K8S)}#{index}", doc))
+    return found
+
+
+DOCUMENTS = _documents()
+DOCS = [doc for _, doc in DOCUMENTS]
+
+
+def _of_kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in DOCS if doc["kind"] == kind]
+
+
+def _named(kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [doc for doc in _of_kind(kind) if doc["metadata"]["name"] == name]
+    return doc
+
+
+def _pod(doc: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """A workload's pod: its labels and its spec."""
+    template = doc if doc["kind"] == "Pod" else doc["spec"]["template"]
+    return template["metadata"].get("labels", {}), template["spec"]
+
+
+def _pods() -> list[tuple[dict[str, Any], dict[str, str], dict[str, Any]]]:
+    return [(doc, *_pod(doc)) for doc in DOCS if doc["kind"] in WORKLOADS]
+
+
+def _of_component(component: str) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+    (found,) = [pod for pod in _pods() if pod[1].get(COMPONENT) == component]
+    return found
+
+
+def _selects(match_labels: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(match_labels) and match_labels.items() <= labels.items()
+
+
+def _invocation(container: dict[str, Any]) -> list[str] | None:
+    """The `sparse-rt` arguments a container runs, or None if it runs something else."""
+    command = container.get("command")
+    if command is None:  # the image's ENTRYPOINT, `sparse-rt`
+        return list(container.get("args", []))
+    return [*command[1:], *container.get("args", [])] if command[0] == "sparse-rt" else None
+
+
+def _cpu(quantity: str | int | float) -> float:
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _tcp(address: str) -> tuple[str, int]:
+    match = re.fullmatch(r"tcp://([^:/]+):(\d+)", address)
+    assert match, f"not a tcp://HOST:PORT address: {address}"
+    return match[1], int(match[2])
+
+
+def _node_config(container: dict[str, Any], tmp_path: Path) -> NodeConfig:
+    """The container's `sparse-rt node` command line through the real CLI, without running the node.
+
+    The options that must name existing paths (--models) name the pod's mounts; each mount becomes a
+    folder under ``tmp_path``, and a path outside every mount fails here as it would in the pod.
+    """
+    argv = _invocation(container)
+    assert argv and argv[0] == "node", f"{container['name']}: expected `sparse-rt node ...`, got {argv}"
+    assert cli.get_command(None, "node") is node
+    mounts = {mount["mountPath"].rstrip("/"): tmp_path / mount["name"] for mount in container.get("volumeMounts", [])}
+    for folder in mounts.values():
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def local(arg: str) -> str:
+        for mount_path, folder in mounts.items():
+            if arg == mount_path or arg.startswith(mount_path + "/"):
+                return str(folder / arg[len(mount_path):].lstrip("/"))
+        return arg
+
+    with node.make_context("node", [local(arg) for arg in argv[1:]]) as ctx:
+        params = dict(ctx.params)
+    assert params.pop("config_file") is None, "the manifests give every setting on the command line"
+    config = load_node_config(None, params)
+    for field in ("data", "checkpoint", "metrics", "models", "curve_key", "allow_keys", "allow_infer_keys",
+                  "server_key"):
+        path = getattr(config, field)
+        assert path is None or any(Path(path).is_relative_to(folder) for folder in mounts.values()), \
+            f"{container['name']}: --{field.replace('_', '-')} is on no volume the pod mounts"
+    return config
+
+
+def test_the_manifests_hold_the_broker_replicas_edges_and_policy():
+    kinds = sorted(doc["kind"] for doc in DOCS)
+    assert kinds.count("Deployment") == 2 and kinds.count("Service") == 1 and kinds.count("Job") == 1
+    assert "NetworkPolicy" in kinds and "PersistentVolumeClaim" in kinds
+    assert "ConfigMap" not in kinds
+
+
+def test_the_kubernetes_version_is_one_kubernetes_validate_ships():
+    assert KUBERNETES_VERSION in {major_minor(version) for version in all_versions()}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[where for where, _ in DOCUMENTS])
+def test_every_document_validates_against_the_kubernetes_schemas(doc):
+    # validate() falls back to an older schema when it lacks the one asked for: the returned version says which.
+    assert kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True) == KUBERNETES_VERSION
+
+
+def test_every_object_is_labelled_alike_and_names_no_namespace():
+    for doc in DOCS:
+        metadata = doc["metadata"]
+        assert "namespace" not in metadata, f"{metadata['name']}: the manifests are namespace-agnostic"
+        assert metadata["name"].startswith("sparse-rt-")
+        labels = metadata.get("labels", {})
+        assert labels.get(NAME) == "sparse-rt" and labels.get("app.kubernetes.io/part-of") == "sparse-rt"
+        assert labels.get(COMPONENT), f"{metadata['name']}: no {COMPONENT} label"
+    for doc, labels, _ in _pods():
+        assert labels == doc["metadata"]["labels"], f"{doc['metadata']['name']}: its pods are labelled otherwise"
+
+
+def test_the_workload_selectors_match_their_own_pods_only():
+    pods = _pods()
+    for doc in _of_kind("Deployment"):
+        selector = doc["spec"]["selector"]
+        assert set(selector) == {"matchLabels"}
+        for other, labels, _ in pods:
+            assert _selects(selector["matchLabels"], labels) == (other is doc), doc["metadata"]["name"]
+    for doc in _of_kind("Job"):
+        assert "selector" not in doc["spec"], "the Job controller makes the Job's own selector"
+
+
+def test_the_broker_service_selects_the_broker_pod_and_its_ports():
+    service = _named("Service", "sparse-rt-broker")
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP", "5556 must not leave the cluster"
+    broker, _, _ = _of_component("broker")
+    for doc, labels, _ in _pods():
+        assert _selects(service["spec"]["selector"], labels) == (doc is broker)
+    (container,) = _pod(broker)[1]["containers"]
+    container_ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    service_ports = {port["name"]: port for port in service["spec"]["ports"]}
+    assert set(service_ports) == {"edges", "replicas"}
+    for name, port in service_ports.items():
+        target = port["targetPort"]
+        assert (container_ports[target] if isinstance(target, str) else target) == container_ports[name]
+        assert port["port"] == container_ports[name]
+
+
+def test_every_sparse_rt_command_line_parses_into_a_valid_node_config(tmp_path):
+    roles = []
+    for doc, _, spec in _pods():
+        for container in spec["containers"]:
+            if _invocation(container) is None:
+                assert doc["kind"] == "Pod", f"{doc['metadata']['name']}: a workload that does not run sparse-rt"
+                continue
+            config = _node_config(container, tmp_path / doc["metadata"]["name"] / container["name"])
+            roles.append(config.role)
+            if config.pipeline:
+                get_pipeline(config.pipeline)
+    assert sorted(roles) == ["broker", "edge", "server"]
+
+
+def test_the_broker_binds_the_ports_its_container_and_service_expose(tmp_path):
+    _, _, spec = _of_component("broker")
+    (container,) = spec["containers"]
+    config = _node_config(container, tmp_path)
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert _tcp(config.bind) == ("0.0.0.0", ports["edges"])
+    assert _tcp(config.backend) == ("0.0.0.0", ports["replicas"])
+    assert _named("Deployment", "sparse-rt-broker")["spec"]["replicas"] == 1
+
+
+def test_the_replicas_join_the_broker_service_with_one_thread_and_one_core(tmp_path):
+    doc, _, spec = _of_component("replica")
+    assert doc["kind"] == "Deployment" and doc["spec"]["replicas"] == 2
+    (container,) = spec["containers"]
+    config = _node_config(container, tmp_path)
+    service = _named("Service", "sparse-rt-broker")
+    (backend,) = [port for port in service["spec"]["ports"] if port["name"] == "replicas"]
+    assert _tcp(config.join) == (service["metadata"]["name"], backend["port"])
+    assert config.role == "server" and config.bind is None and config.threads == 1
+    assert config.curve_key is None  # refused through a broker
+    resources = container["resources"]
+    assert _cpu(resources["requests"]["cpu"]) == _cpu(resources["limits"]["cpu"]) == 1
+    assert "ports" not in container, "a replica connects out to the broker and listens on nothing"
+
+
+def test_the_model_set_is_a_read_only_claim_at_slash_models(tmp_path):
+    for component in ("replica", "edge"):
+        _, _, spec = _of_component(component)
+        (container,) = spec["containers"]
+        assert _node_config(container, tmp_path / component).models == tmp_path / component / "models"
+        (mount,) = [mount for mount in container["volumeMounts"] if mount["mountPath"] == "/models"]
+        assert mount.get("readOnly") is True
+        (volume,) = [volume for volume in spec["volumes"] if volume["name"] == mount["name"]]
+        assert set(volume) == {"name", "persistentVolumeClaim"} and volume["persistentVolumeClaim"]["readOnly"]
+        _named("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    for _, _, spec in _pods():
+        for volume in spec.get("volumes", []):
+            assert "configMap" not in volume
+
+
+def test_the_edges_connect_to_the_broker_service_four_at_once_and_only_infer(tmp_path):
+    doc, _, spec = _of_component("edge")
+    assert doc["kind"] == "Job" and doc["spec"]["parallelism"] == 4
+    (container,) = spec["containers"]
+    config = _node_config(container, tmp_path)
+    service = _named("Service", "sparse-rt-broker")
+    (edges,) = [port for port in service["spec"]["ports"] if port["name"] == "edges"]
+    assert _tcp(config.connect) == (service["metadata"]["name"], edges["port"])
+    assert config.mode == "infer" and config.role == "edge"
+    mounts = [mount["mountPath"] for mount in container["volumeMounts"]]
+    for env in container.get("env", []):  # the data file the edge reads is on a volume it mounts
+        if env["name"] == "SPARSE_RT_CIFAR10_SUBSET":
+            assert any(env["value"].startswith(path.rstrip("/") + "/") for path in mounts)
+
+
+def test_only_the_replica_pods_may_reach_the_brokers_backend_port():
+    broker, broker_labels, _ = _of_component("broker")
+    (container,) = _pod(broker)[1]["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    _, replica_labels, _ = _of_component("replica")
+    others = [labels for doc, labels, _ in _pods() if labels.get(COMPONENT) != "replica"]
+    policies = [doc for doc in _of_kind("NetworkPolicy") if _selects(doc["spec"]["podSelector"]["matchLabels"],
+                                                                      broker_labels)]
+    assert policies and all("Ingress" in doc["spec"]["policyTypes"] for doc in policies)
+    rules = [rule for doc in policies for rule in doc["spec"].get("ingress", [])]
+
+    def admits(rule: dict[str, Any], port: int) -> bool:
+        return "ports" not in rule or any(entry.get("port") in (port, *[n for n, p in ports.items() if p == port])
+                                          for entry in rule["ports"])
+
+    backend = [rule for rule in rules if admits(rule, ports["replicas"])]
+    assert backend, "no rule lets the replicas in"
+    for rule in backend:
+        assert rule.get("from"), "a rule without `from` admits every source"
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, "namespaces and IP blocks reach further than the replica pods"
+            assert _selects(peer["podSelector"]["matchLabels"], replica_labels)
+            assert not any(_selects(peer["podSelector"]["matchLabels"], labels) for labels in others)
+    assert any(admits(rule, ports["edges"]) for rule in rules), "the edges' port must stay reachable"
+
+
+def test_probes_need_no_http():
+    for doc, _, spec in _pods():
+        for container in spec["containers"]:
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                assert "httpGet" not in container.get(probe, {}), f"{doc['metadata']['name']}: ZeroMQ speaks no HTTP"
+    _, _, spec = _of_component("broker")
+    (container,) = spec["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    port = container["livenessProbe"]["tcpSocket"]["port"]
+    assert port in ports or port in ports.values()
+    _, _, spec = _of_component("replica")
+    (container,) = spec["containers"]
+    # no port to probe: no probe, or one that runs a command (replicas.yaml says why there is none)
+    assert "livenessProbe" not in container or "exec" in container["livenessProbe"]
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, with continuations joined and comments dropped."""
+    lines, current = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        if not current and (not raw.strip() or raw.lstrip().startswith("#")):
+            continue
+        if raw.lstrip().startswith("#"):
+            continue  # a comment inside a continued instruction
+        current += raw.rstrip()
+        if current.endswith("\\"):
+            current = current[:-1] + " "
+            continue
+        instruction, _, arguments = current.strip().partition(" ")
+        lines.append((instruction.upper(), arguments.strip()))
+        current = ""
+    return lines
+
+
+def test_the_dockerfile_installs_cpu_torch_then_the_repository_as_a_non_root_user():
+    steps = _dockerfile()
+    assert steps[0] == ("FROM", "python:3.11-slim")
+    runs = [(index, shlex.split(arguments)) for index, (instruction, arguments) in enumerate(steps)
+            if instruction == "RUN"]
+
+    def pip_installs(words: list[str]) -> list[list[str]]:
+        commands, command = [], []
+        for word in [*words, "&&"]:
+            if word in ("&&", ";", "||"):
+                if command[:2] == ["pip", "install"] or command[:4] == ["python", "-m", "pip", "install"]:
+                    commands.append(command)
+                command = []
+            else:
+                command.append(word)
+        return commands
+
+    torch_at = [index for index, words in runs for command in pip_installs(words)
+                if {"torch", "torchvision"} <= set(command)
+                and "https://download.pytorch.org/whl/cpu" in command[command.index("--index-url") + 1:][:1]]
+    repo_at = [index for index, words in runs for command in pip_installs(words) if command[-1] == "."]
+    assert torch_at and repo_at and torch_at[0] < repo_at[0], "CPU torch first, so `pip install .` keeps it"
+
+    # `pip install .` runs where the repository's files were copied, from a build context at the repo root.
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    needed = {"pyproject.toml", pyproject["project"]["readme"],
+              *(pattern.rstrip("*") for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"])}
+    workdir, copied = "/", set()
+    for index, (instruction, arguments) in enumerate(steps[:repo_at[0]]):
+        if instruction == "WORKDIR":
+            workdir = arguments
+        elif instruction == "COPY":
+            *sources, destination = shlex.split(arguments)
+            assert not any(source.startswith("--") for source in sources), "COPY from the build context only"
+            assert destination.startswith(("./", ".")) and not destination.startswith("/"), \
+                "COPY into the WORKDIR that `pip install .` runs in"
+            for source in sources:
+                assert (REPO / source).exists(), f"COPY {source}: not in the build context (the repository root)"
+                copied.add(source.rstrip("/"))
+    assert workdir != "/" and needed <= copied, f"not copied: {sorted(needed - copied)}"
+    ignored = [line.strip().removeprefix("**/") for line in DOCKERIGNORE.read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert not [source for source in copied for pattern in ignored if fnmatch.fnmatch(source, pattern)]
+
+    users = [(index, arguments) for index, (instruction, arguments) in enumerate(steps) if instruction == "USER"]
+    assert users and users[-1][0] > repo_at[0], "the image runs as its own user, set after the installs"
+    user = users[-1][1].partition(":")[0]
+    assert user.isdigit() and int(user) != 0, "a numeric uid, so Kubernetes' runAsNonRoot can check it"
+    for _, _, spec in _pods():
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] == int(user)
+
+    (entrypoint,) = [arguments for instruction, arguments in steps if instruction == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["sparse-rt"]
+    assert "sparse-rt" in pyproject["project"]["scripts"]
+
+
+# Kubernetes' resource.Quantity, which the JSON schemas leave as any string.
+QUANTITY = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i|[mkMGTPE])?")
+
+
+def test_every_resource_quantity_is_one_kubernetes_reads():
+    amounts = [doc["spec"]["resources"]["requests"]["storage"] for doc in _of_kind("PersistentVolumeClaim")]
+    for _, _, spec in _pods():
+        for container in spec["containers"]:
+            for bound in container.get("resources", {}).values():
+                amounts.extend(bound.values())
+    assert amounts and all(QUANTITY.fullmatch(str(amount)) for amount in amounts), amounts
+
+
+def test_every_container_runs_the_one_image():
+    images = {container["image"] for _, _, spec in _pods() for container in spec["containers"]}
+    assert len(images) == 1
