@@ -223,3 +223,22 @@ def test_an_exit_option_sends_only_the_share_that_does_not_exit():
     assert controller.predict_ms(half, estimate, 8) == pytest.approx(
         estimate.predict_ms(256 + 8 * 64 * 128 // 2, 128 + 4 * 4 * 10))
     assert controller.predict_ms(options[Choice(64, "fp32", exit=0.0)], estimate, 8) == 0.0  # nothing is sent
+
+
+def test_with_exits_a_model_alone_is_judged_on_its_exits_calibration_images():
+    entry = {**EXIT_MANIFEST["models"][0]}
+    entry["exit"] = {**entry["exit"], "server_accuracy": 0.63}  # the calibration half, where the model did better
+    manifest = {"models": [entry, *EXIT_MANIFEST["models"][1:]]}
+    with_exits = {o.choice: o.accuracy for o in options_from_manifest(manifest, exits=True)}
+    assert with_exits[Choice(64)] == 0.63 and with_exits[Choice(16)] == 0.55  # 16 has no exit: its test accuracy
+    assert {o.choice: o.accuracy for o in options_from_manifest(manifest)}[Choice(64)] == 0.60  # without exits
+
+
+def test_small_requests_chosen_for_a_slow_link_show_when_it_gets_faster():
+    """At 5 Mbit/s the controller sends 1.5 KiB requests; when the link goes to 50, they must show it."""
+    estimate = _link(5 * MB, rtt_ms=20.0)  # a large request or two measured the rate first
+    _link(5 * MB, rtt_ms=20.0, nbytes=1500, requests=6, estimate=estimate)  # the small ones chosen then show it too
+    assert estimate.rate_bps == pytest.approx(5 * MB, rel=0.05) and estimate.rate_age == 0
+    for _ in range(4):  # the same requests on a link ten times faster
+        estimate.observe(1500, 500, 20.0 + 8e3 * 2000 / (50 * MB), None)
+    assert estimate.rate_bps > 20 * MB

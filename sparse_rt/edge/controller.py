@@ -114,11 +114,15 @@ def options_from_manifest(manifest: dict[str, Any], codecs: Sequence[str] = PREC
         cut = str(model.get("cut", default))
         cut = cut if len(cuts) > 1 else None  # named where the set holds several, as EdgeClient's requests name it
         calibration = model.get("exit", {}).get("calibration", []) if exits else []
+        # With exits, the model alone is judged on the images its exit was calibrated on, so that choosing
+        # between them compares one set of images, not an easier half against the whole.
+        plain = model.get("exit", {}).get("server_accuracy") if exits else None
         for codec in codecs:
             if codec not in sizes:
                 continue
-            options.append(Option(Choice(int(model["budget"]), codec, lz4, cut=cut),
-                                  float(measured.get(codec, model["test_accuracy"])), float(sizes[codec])))
+            accuracy = plain if plain is not None else measured.get(codec, model["test_accuracy"])
+            options.append(Option(Choice(int(model["budget"]), codec, lz4, cut=cut), float(accuracy),
+                                  float(sizes[codec])))
             for row in calibration:
                 share = float(row["share"])
                 if share > 0:

@@ -103,9 +103,12 @@ class LinkEstimate:
             self._rtt.add(max(wait_ms - (per_byte or 0.0) * total, 0.0))
             self.rate_age += 1
             return
-        # The transfer time is what the round trip leaves; never less than a tenth of the whole, so a round-trip
-        # estimate a little high cannot make a large message look free.
-        per_byte = max(wait_ms - rtt, 0.1 * wait_ms) / total
+        # The transfer time is what the round trip leaves. For a large message never less than a tenth of the
+        # whole, so a round-trip estimate a little high cannot make it look free. Not for a small one: that floor
+        # would cap the rate it can show at its bytes per tenth of the wait (1.5 KiB in 21 ms: 6 Mbit/s), and a
+        # link that got faster would be held at its old rate by the very requests chosen for it.
+        floor = 0.1 * wait_ms if total > SMALL_BYTES else 1e-3
+        per_byte = max(wait_ms - rtt, floor) / total
         if per_byte > 0:  # a zero wait (a clock's resolution) says nothing of the rate
             self.rate_age = 0
             self._add_rate_sample(per_byte)

@@ -155,8 +155,11 @@ def train_exits(folder: Path, data: Path | None = None, settings: ExitTraining =
         path = Path(entry["head"]).parent / "exit.pt"
         save_checkpoint(folder / path, classifier, pipeline=pipeline.name, budget=budget, cut=cut,
                         channels=shape.channels)
+        server_right = torch.cat(server_logits).argmax(dim=1).eq(y_calibration)
+        # The model without its exit, on the same images: what the exit's rows are weighed against.
         entry["exit"] = {"classifier": str(path), "epochs": settings.epochs,
                          "calibration_images": CALIBRATION_IMAGES, "calibration_count": len(y_calibration),
+                         "server_accuracy": round(float(server_right.float().mean()), 4),
                          "calibration": calibrate(torch.cat(exit_logits), torch.cat(server_logits), y_calibration)}
     write_manifest(folder, manifest)
     return manifest
