@@ -14,7 +14,7 @@ for the kill ``recovery_s``: from the kill to the end of the last request
 slower than twice the 1-replica p99.
 
 The default pipeline, vgg11_cifar10, cut after its second conv block, puts
-about nine tenths of the compute in the tail: what replicas share out.
+about six sevenths of the compute in the tail: what replicas share out.
 Training replicas (issue 12, part 2) are not built yet; ``training`` is
 empty.
 """

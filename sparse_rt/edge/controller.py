@@ -100,8 +100,9 @@ def options_from_manifest(manifest: dict[str, Any], codecs: Sequence[str] = PREC
     """Every (budget, codec) the model set can serve, with the manifest's accuracy and bytes per sample.
 
     A manifest entry's ``accuracy`` per codec is used where it was measured;
-    otherwise the budget's ``test_accuracy`` (measured in fp32) stands for
-    every codec, and precision breaks the tie. With ``exits``, each also with
+    otherwise its accuracy on its exit's calibration images, where `sparse-rt
+    train exit` measured one, else the budget's ``test_accuracy`` (measured in
+    fp32), stands for every codec, and precision breaks the tie. With ``exits``, each also with
     its early exit at every calibrated threshold that answers some samples
     on the device (`sparse-rt train exit`), at the calibrated accuracy.
     """
@@ -114,9 +115,10 @@ def options_from_manifest(manifest: dict[str, Any], codecs: Sequence[str] = PREC
         cut = str(model.get("cut", default))
         cut = cut if len(cuts) > 1 else None  # named where the set holds several, as EdgeClient's requests name it
         calibration = model.get("exit", {}).get("calibration", []) if exits else []
-        # With exits, the model alone is judged on the images its exit was calibrated on, so that choosing
-        # between them compares one set of images, not an easier half against the whole.
-        plain = model.get("exit", {}).get("server_accuracy") if exits else None
+        # Where `train exit` measured it, the model alone is judged on the images its exit was calibrated on,
+        # with or without exits among the options: every choice is then made on one set of images (not an
+        # easier half against the whole), and the others are left for measuring the choices (bench adaptive).
+        plain = model.get("exit", {}).get("server_accuracy")
         for codec in codecs:
             if codec not in sizes:
                 continue
