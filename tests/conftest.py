@@ -37,16 +37,21 @@ def model_set(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def served_set(model_set):
-    """The address of a `sparse-rt node --role server` serving that model set."""
-    server = NodeProcess("server", {"pipeline": "digits_cnn", "bind": "tcp://127.0.0.1:*", "models": model_set,
+def _serve(folder):
+    """A `sparse-rt node --role server` serving the model set in ``folder``: its address, until the fixture ends."""
+    server = NodeProcess("server", {"pipeline": "digits_cnn", "bind": "tcp://127.0.0.1:*", "models": folder,
                                     "json": True})
     try:
         yield server.wait_ready()
     finally:
         server.stop()
         server.finish(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served_set(model_set):
+    """The address of a `sparse-rt node --role server` serving that model set."""
+    yield from _serve(model_set)
 
 
 @pytest.fixture(scope="session")
@@ -65,10 +70,4 @@ def two_cut_set(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served_two_cut_set(two_cut_set):
     """The address of a `sparse-rt node --role server` serving that two-cut model set."""
-    server = NodeProcess("server", {"pipeline": "digits_cnn", "bind": "tcp://127.0.0.1:*", "models": two_cut_set,
-                                    "json": True})
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
-        server.finish(timeout=30)
+    yield from _serve(two_cut_set)
