@@ -409,6 +409,11 @@ def _edges_table(combined: dict) -> str:
               help="Server: open sessions at once, all peers together.  [default: 1024]")
 @click.option("--session-idle", type=click.FloatRange(min=0, min_open=True),
               help="Server: seconds without a message after which a session ends.  [default: 600]")
+@click.option("--merge", type=click.Choice(["sum", "mean"]),
+              help="Server under torchrun: combine the replicas' changes each round by their sum (as one server "
+                   "applying every step) or their mean (FedAvg).  [default: sum]")
+@click.option("--round-seconds", type=click.FloatRange(min=0, min_open=True),
+              help="Server under torchrun: seconds between the replicas' rounds.  [default: 0.5]")
 def node(config_file: Path | None, **options) -> None:
     """Run one node: a server that trains and serves the tail, or an edge that
     runs the head. Stop either with Ctrl-C or SIGTERM: it finishes its step,
@@ -421,15 +426,24 @@ def node(config_file: Path | None, **options) -> None:
       sparse-rt node --role edge --pipeline digits_cnn --connect tcp://127.0.0.1:5555 --mode infer \
           --models runs/set --deadline-ms 50
       sparse-rt node --config nodes/edge.toml --epochs 3
+      sparse-rt node --role broker --bind tcp://127.0.0.1:5555 --backend tcp://127.0.0.1:5556
+      torchrun --standalone --nproc-per-node 2 -m sparse_rt node --role server --pipeline digits_cnn \
+          --join tcp://127.0.0.1:5556 --checkpoint runs/tail.pt --checkpoint-every 100
+
+    Under torchrun a training server is one replica of a group that trains one
+    tail (docs/SCALING.md).
     """
     import asyncio
     import logging
 
+    from sparse_rt.cluster.group import GroupPlace
     from sparse_rt.config import load_node_config
     from sparse_rt.nodes.node import EXIT_SAVE_FAILED, run_edge_node, run_server_node
 
     config = load_node_config(config_file, options)
-    logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s {config.role} %(levelname)s %(message)s")
+    place = GroupPlace.from_environment()  # a replica under torchrun: its lines say which
+    label = config.role if place is None else f"{config.role} {place.rank}"
+    logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s {label} %(levelname)s %(message)s")
     if config.role == "broker":
         from sparse_rt.nodes.node import run_broker_node
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_rt.assembly import DEFAULT_MAX_LR_SCALE, at_cut
+from sparse_rt.cluster.group import MERGES, ROUND_SECONDS
 from sparse_rt.errors import ConfigError
 from sparse_rt.pipeline import Pipeline, TrainingSettings
 from sparse_rt.server.sessions import DEFAULT_MAX_BATCH, MAX_SESSIONS, SESSION_IDLE_SECONDS
@@ -116,6 +117,8 @@ class NodeConfig:
     max_lr_scale: float = DEFAULT_MAX_LR_SCALE  # server: the largest learning-rate factor it applies for a peer
     max_sessions: int = MAX_SESSIONS  # server: open sessions at once
     session_idle: float = SESSION_IDLE_SECONDS  # server: seconds without a message after which a session ends
+    merge: str = "sum"  # server under torchrun: how the replicas combine their steps each round
+    round_seconds: float = ROUND_SECONDS  # server under torchrun: seconds between the replicas' rounds
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -177,6 +180,10 @@ class NodeConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        if self.merge not in MERGES:
+            raise ConfigError(f"merge must be one of {', '.join(MERGES)}, got '{self.merge}'")
+        if not (isinstance(self.round_seconds, (int, float)) and 0 < self.round_seconds < float("inf")):
+            raise ConfigError(f"round_seconds must be a positive number, got {self.round_seconds!r}")
         if not self.request_timeout > 0:
             raise ConfigError(f"request_timeout must be positive, got {self.request_timeout}")
         # the options shared with `sparse-rt run` are checked in one place

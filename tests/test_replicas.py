@@ -65,6 +65,9 @@ def test_requests_wait_for_a_replica_a_while_and_everything_is_bounded():
         assert table.route(b"e", _request(rid)) is None  # no replica yet: held
     assert len(table.pending) == 2 and table.stats.dropped == 1  # the oldest went
     assert table.heard(b"A")
+    assert not table.can_take_pending()  # back from an outage: it waits a moment for its peers
+    clock.now += table.rejoin_s
+    assert table.can_take_pending()
     assert [request_id(frames) for _, frames in table.take_pending()] == [1, 2]
     for rid in range(5):
         table.route(b"e", _request(rid))
@@ -174,3 +177,23 @@ async def test_a_replica_killed_mid_stream_loses_no_request_and_a_new_one_joins(
     # The survivor served all four edges after the kill (it answered more than its two edges' share), and the
     # new replica the new edge (the fewest edges: none).
     assert len(summary["per_replica"]) == 3 and newcomer >= 5 and survivor > sum(answered) / 2, (summary, answered)
+
+
+def test_replicas_back_from_an_outage_together_share_its_edges():
+    """A training group restarted by torchrun comes back within a moment: the first back must not take every edge."""
+    clock = Clock()
+    table = ReplicaTable(clock=clock)
+    edges = [b"e%d" % i for i in range(4)]
+    for edge in edges:
+        assert table.route(edge, _request(1)) is None  # no replica: held
+    table.heard(b"A")
+    clock.now += table.rejoin_s / 2
+    assert table.route(edges[0], _request(2)) is None  # A waits for its peers; so does a resend meanwhile
+    table.heard(b"B")
+    clock.now += table.rejoin_s / 2
+    assert table.can_take_pending()
+    routed = [table.route(edge, frames) for edge, frames in table.take_pending()]
+    assert sorted(routed) == [b"A", b"A", b"B", b"B", b"B"] or sorted(routed) == [b"A", b"A", b"A", b"B", b"B"]
+    assert {len(table.replicas[r].edges) for r in (b"A", b"B")} == {2}
+    table.heard(b"C")  # a replica joining live ones serves at once
+    assert table.route(b"new", _request(1)) == b"C"

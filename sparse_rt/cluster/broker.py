@@ -61,8 +61,7 @@ class Broker:
             if len(frames) == 1 and frames[0].bytes == HEARTBEAT:
                 if self.table.heard(replica):
                     log.info("replica %s joined (%d live)", replica.hex(), len(self.table.replicas))
-                    for edge, held in self.table.take_pending():
-                        await self._send(edge, held)
+                    await self._send_pending()
                 continue
             if len(frames) < 2:
                 continue  # not a reply to anyone: a replica does not send these
@@ -80,6 +79,12 @@ class Broker:
                             len(again), len(self.table.replicas))
             for edge, frames in again:
                 await self._send(edge, frames)
+            await self._send_pending()  # replicas back from an outage that waited for their peers
+
+    async def _send_pending(self) -> None:
+        if self.table.can_take_pending():
+            for edge, held in self.table.take_pending():
+                await self._send(edge, held)
 
 
 async def send_heartbeats(connection: Transport, interval_s: float = HEARTBEAT_SECONDS) -> None:

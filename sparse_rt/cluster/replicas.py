@@ -12,6 +12,11 @@ session and resends (edge/session.py), so no request is lost on the edge's
 side. The same pattern is ZeroMQ's "Paranoid Pirate" queue (zguide ch. 4),
 with session affinity added.
 
+After an outage (requests are held because no replica lives) the
+replicas coming back are given edges only once the first of them has been
+back ``rejoin_s``: a training group that torchrun restarts comes back
+together, and without the wait the first to say so would take every edge.
+
 Everything here is bounded: the edges remembered (least recently seen go
 first), the requests tracked in flight per replica, and the requests held
 while no replica is alive.
@@ -32,6 +37,7 @@ MAX_EDGES = 100_000  # edges whose replica is remembered
 MAX_IN_FLIGHT = 4096  # requests tracked per replica; beyond, they are forwarded untracked
 MAX_PENDING = 1024  # requests held while no replica is alive
 PENDING_SECONDS = 10.0  # how long such a request is held; the edge resends after its own timeout
+REJOIN_SECONDS = 1.0  # after an outage, replicas take held requests only once they have been back this long
 
 Frames = list[Any]  # zmq.Frame or bytes, forwarded as they came
 
@@ -40,6 +46,7 @@ Frames = list[Any]  # zmq.Frame or bytes, forwarded as they came
 class Replica:
     id: bytes
     last_seen: float
+    ready_at: float = 0.0  # from then on it is given edges (later than its joining after an outage)
     edges: set[bytes] = field(default_factory=set)
     in_flight: OrderedDict[tuple[bytes, int], Frames] = field(default_factory=OrderedDict)
     requests: int = 0  # requests sent to it
@@ -78,8 +85,10 @@ class ReplicaTable:
 
     def __init__(self, liveness_s: float = LIVENESS_SECONDS, max_edges: int = MAX_EDGES,
                  max_in_flight: int = MAX_IN_FLIGHT, max_pending: int = MAX_PENDING,
-                 pending_s: float = PENDING_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+                 pending_s: float = PENDING_SECONDS, rejoin_s: float = REJOIN_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.liveness_s, self.max_edges, self.max_in_flight = liveness_s, max_edges, max_in_flight
+        self.rejoin_s = rejoin_s
         self.max_pending, self.pending_s, self.clock = max_pending, pending_s, clock
         self.replicas: dict[bytes, Replica] = {}
         self.edges: OrderedDict[bytes, bytes] = OrderedDict()  # edge -> its replica, least recently seen first
@@ -87,14 +96,29 @@ class ReplicaTable:
         self.stats = BrokerStats()
 
     def heard(self, replica_id: bytes) -> bool:
-        """A replica's heartbeat or reply; True if it is new (it can take the requests held for lack of one)."""
+        """A replica's heartbeat or reply; True if it is new."""
+        now = self.clock()
         replica = self.replicas.get(replica_id)
         if replica is not None:
-            replica.last_seen = self.clock()
+            replica.last_seen = now
             return False
-        self.replicas[replica_id] = Replica(replica_id, self.clock())
+        waiting = [r.ready_at for r in self.replicas.values() if r.ready_at > now]
+        if self._ready(now):
+            ready_at = now
+        elif waiting:  # others are coming back from the same outage: together with them
+            ready_at = min(waiting)
+        else:
+            ready_at = now + self.rejoin_s if self.pending else now
+        self.replicas[replica_id] = Replica(replica_id, now, ready_at)
         self.stats.joined += 1
         return True
+
+    def _ready(self, now: float) -> list[Replica]:
+        return [replica for replica in self.replicas.values() if replica.ready_at <= now]
+
+    def can_take_pending(self) -> bool:
+        """Requests are held and a replica may take them now."""
+        return bool(self.pending) and bool(self._ready(self.clock()))
 
     def replica_for(self, edge: bytes) -> bytes | None:
         """The edge's replica: the one it had while that lives, else the live one that serves the fewest edges."""
@@ -102,9 +126,10 @@ class ReplicaTable:
         if current is not None and current in self.replicas:
             self.edges.move_to_end(edge)
             return current
-        if not self.replicas:
+        ready = self._ready(self.clock())
+        if not ready:
             return None
-        chosen = min(self.replicas.values(), key=lambda r: (len(r.edges), r.requests))
+        chosen = min(ready, key=lambda r: (len(r.edges), r.requests))
         chosen.edges.add(edge)
         self.edges[edge] = chosen.id
         self.edges.move_to_end(edge)

@@ -15,7 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 READY = re.compile(r"serving \S+ on (\S+?):? ")
 BACKEND = re.compile(r"replicas join at (\S+)")  # a broker's second address
@@ -41,8 +42,11 @@ class NodeProcess:
     """
 
     def __init__(self, role: str, options: dict[str, Any], echo: str | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
-        command = [sys.executable, "-m", "sparse_rt", "node", "--role", role, *node_arguments(options)]
+                 env: Mapping[str, str] | None = None, torchrun: Sequence[str] | None = None) -> None:
+        node = ["-m", "sparse_rt", "node", "--role", role, *node_arguments(options)]
+        # torchrun: its own options (e.g. --nproc-per-node 2): it starts the node that many times, as one group
+        launcher = [] if torchrun is None else ["-m", "torch.distributed.run", *torchrun]
+        command = [sys.executable, *launcher, *node]
         self.role = role
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env=None if env is None else {**os.environ, **env})
@@ -107,6 +111,26 @@ class NodeProcess:
         for drain in self._drains:
             drain.join(timeout=5)
         return self.process.returncode, "".join(self._stdout)
+
+    def workers(self) -> list[int]:
+        """The process ids of the nodes torchrun started (its children), lowest first."""
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            if int(fields[1]) == self.process.pid:
+                children.append(int(stat.parent.name))
+        return sorted(children)
+
+    def results(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Every JSON summary printed, one per line (a group under torchrun prints one per replica)."""
+        code, stdout = self.finish(timeout)
+        summaries = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+        if not summaries:  # torchrun itself exits non-zero when stopped by a signal, after its nodes' summaries
+            raise RuntimeError(f"the {self.role} node failed (exit code {code}):\n" + "".join(self.log[-20:]))
+        return summaries
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """The JSON summary the node printed (it must run with --json)."""

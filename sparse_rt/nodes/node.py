@@ -13,7 +13,7 @@ import math
 import signal
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import zmq
@@ -35,6 +35,7 @@ from sparse_rt.train.schedules import deprune, fixed, parse_phases
 from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.server.trust import AllowList, start_authenticator
 from sparse_rt.cluster.broker import Broker, send_heartbeats
+from sparse_rt.cluster.group import GroupPlace, ReplicaGroup
 from sparse_rt.transport.connection import bind_router, is_local, join_broker
 from sparse_rt.transport.link import ServerUnreachable
 from sparse_rt.transport.curve import curve_server, load_key_pair
@@ -84,17 +85,28 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
         resolution = training.resolution
         model, cut = server_side(pipeline, config.seed, resolution)
     optimizer = build_optimizer(model.parameters(), training.optimizer, training.lr, training.weight_decay)
+    place = GroupPlace.from_environment() if config.models is None else None
+    group = ReplicaGroup(place, model, config.merge) if place is not None else None
     steps_before, sessions = 0, []
-    if config.resume:
+    if _resumes(config, place):
         meta = read_checkpoint(config.checkpoint).restore(model, optimizer)
         steps_before, sessions = int(meta.get("steps", 0)), list(meta.get("sessions", []))
         log.info("resumed the tail from %s after %d steps", config.checkpoint, steps_before)
+    if group is not None:
+        group.start()  # every replica from rank 0's state, before any edge is served
+        group.saving = config.checkpoint is not None
 
     if config.checkpoint is not None:
         check_writable(config.checkpoint)
-    checkpoints = Checkpointer(config.checkpoint, config.checkpoint_every, lambda path: save_checkpoint(
-        path, model, optimizer, pipeline=pipeline.name, resolution=resolution,
-        steps=steps_before + server.stats.steps_applied, sessions=server.table.snapshot()), "tail")
+
+    def write_checkpoint(path):
+        """The tail, its optimizer and the sessions: a group's are every replica's, gathered by its last round."""
+        steps, table = ((group.steps, group.sessions) if group is not None
+                        else (server.stats.steps_applied, server.table.snapshot()))
+        save_checkpoint(path, model, optimizer, pipeline=pipeline.name, resolution=resolution,
+                        steps=steps_before + steps, sessions=table)
+
+    checkpoints = Checkpointer(config.checkpoint, config.checkpoint_every, write_checkpoint, "tail")
 
     context = zmq.asyncio.Context()
     allow, authenticator, options = None, None, []
@@ -119,8 +131,8 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     chain = server_chain(model, optimizer, max_grad_norm=config.max_grad_norm or math.inf,
                          max_lr_scale=config.max_lr_scale)
     server = SplitServer(pipeline.name, chain, cut, pipeline.num_classes, connection,
-                         metrics=metrics, after_step=checkpoints.after_step,
-                         after_open=(lambda: checkpoints.now("with a new session")) if config.checkpoint_every else None,
+                         metrics=metrics, after_step=checkpoints.after_step if group is None else None,
+                         after_open=_after_open(config, checkpoints, group),
                          model_set=model_set, allow=allow, cut_name=cut_name, cuts=cuts,
                          reveal=allow is not None or is_local(config.bind or config.join),
                          max_sessions=config.max_sessions,
@@ -135,9 +147,15 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
              ", a replica behind the broker there" if config.join else "")
     serving = asyncio.create_task(server.serve(), name="server")
     stopping = asyncio.create_task(stop.wait(), name="stop")
+    rounds = (asyncio.create_task(keep_in_step(server, group, checkpoints, config), name="rounds")
+              if group is not None else None)
     try:
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({serving, stopping, *([rounds] if rounds else [])}, return_when=asyncio.FIRST_COMPLETED)
+        if rounds is not None and rounds.done():  # out of its group (a peer died): torchrun restarts all of them
+            serving.cancel()
         if not serving.done():  # a signal: answer every message already read, so no applied step loses its reply
+            if rounds is not None:
+                rounds.cancel()
             server.drain()
             await asyncio.wait({serving}, timeout=DRAIN_SECONDS)
     finally:
@@ -146,7 +164,13 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
         if heartbeats is not None:
             heartbeats.cancel()
         outcome = (await asyncio.gather(serving, return_exceptions=True))[0]
-        saved = checkpoints.final()
+        if rounds is not None:
+            rounds.cancel()
+            failed = (await asyncio.gather(rounds, return_exceptions=True))[0]
+            if isinstance(failed, Exception):
+                outcome = failed
+        # A group's checkpoint is its last round's: a save now would hold steps the other replicas never had.
+        saved = checkpoints.final() if group is None else None
         if config.checkpoint is not None and saved:
             log.info("saved the tail to %s", config.checkpoint)
         connection.close(linger_ms=REPLY_LINGER_MS)
@@ -156,6 +180,9 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
         metrics.close()
     if isinstance(outcome, Exception):
         raise outcome
+    summary_of_group = {} if group is None else {"group": group.summary()}
+    if group is not None:
+        group.stop()
     stats = server.stats
     log.info("stopped: %d steps applied, %d inferences, %d errors, %d sessions", stats.steps_applied,
              stats.inferences, stats.errors, stats.sessions_opened)
@@ -166,10 +193,39 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
             "steps_total": steps_before + stats.steps_applied, "steps_rolled_back": stats.steps_rolled_back,
             "keys_refused": allow.refused if allow is not None else 0,
             "steps_refused": chain.optimizer.guard.refused if chain.optimizer and chain.optimizer.guard else 0,
-            "checkpoint_saved": saved if config.checkpoint is not None else None,
+            "checkpoint_saved": saved if config.checkpoint is not None else None, **summary_of_group,
             "checkpoint_failures": checkpoints.failures,
             "steps_per_session": stats.all_steps(), "bytes_in": connection.traffic.bytes_received,
             "bytes_out": connection.traffic.bytes_sent, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _resumes(config: NodeConfig, place: GroupPlace | None) -> bool:
+    """--resume, or a group's replica that torchrun restarted: it goes on from the group's last checkpoint."""
+    if config.resume:
+        return True
+    restarted = place is not None and place.restarts > 0 and config.checkpoint is not None
+    if restarted and not config.checkpoint.exists():
+        log.warning("restarted by torchrun (restart %d) with no checkpoint at %s yet: starting the tail afresh",
+                    place.restarts, config.checkpoint)
+    return restarted and config.checkpoint.exists()
+
+
+def _after_open(config: NodeConfig, checkpoints: Checkpointer, group: ReplicaGroup | None) -> Callable[[], None] | None:
+    """What a new training session triggers: a save, so a restart knows it (a group's, at its next round)."""
+    if group is not None:
+        return group.opened if config.checkpoint is not None else None
+    return (lambda: checkpoints.now("with a new session")) if config.checkpoint_every else None
+
+
+async def keep_in_step(server: SplitServer, group: ReplicaGroup, checkpoints: Checkpointer,
+                       config: NodeConfig) -> None:
+    """The group's rounds, every ``round_seconds``, each between two of the server's steps; returns only by failing."""
+    save = (lambda: checkpoints.save("after a round")) if group.place.rank == 0 else None
+    every = config.checkpoint_every
+    while True:
+        await asyncio.sleep(config.round_seconds)
+        await server.between_steps(lambda: group.round(server.stats.steps_applied, server.table.snapshot, save,
+                                                       every))
 
 
 def _use_threads(config: NodeConfig) -> None:

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, TypeVar
 
 import torch
 import zmq
@@ -83,6 +83,16 @@ def error_frames(request_id: int | None, code: str, text: str, version: int | No
         text = text[: len(text) // 2]
 
 
+T = TypeVar("T")
+
+
+class Between(NamedTuple):
+    """A call the worker makes between two messages (a replica group's round), and where its result goes."""
+
+    call: Callable[[], Any]
+    done: asyncio.Future[Any]
+
+
 ModelSetChains = Mapping[tuple[str, int], ServerChain] | Mapping[int, ServerChain]
 
 
@@ -117,7 +127,8 @@ class SplitServer:
         # Called in the worker thread when a training session opens, before its welcome: a checkpoint written
         # then lets a restarted server know the session, so steps it loses are counted, not silent.
         self.after_open = after_open
-        self._queue: asyncio.Queue[tuple[bytes, list[zmq.Frame], dict[str, Any], float]] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[tuple[bytes, list[zmq.Frame], dict[str, Any], float] | Between] = asyncio.Queue(
+            queue_size)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
         self._ms_per_byte: dict[str, float] = {}  # per kind: a running estimate of ms per byte received
         self._reader: asyncio.Task[None] | None = None
@@ -174,6 +185,18 @@ class SplitServer:
         self._draining = True
         if self._reader is not None:
             self._reader.cancel()
+
+    async def between_steps(self, call: Callable[[], T]) -> T:
+        """Run ``call`` in the worker thread after the messages read so far and before the next one.
+
+        Nothing changes the tail meanwhile, so a replica group can combine
+        and save its state there. An exception in ``call`` ends serving as
+        well as raising here: a replica that fell out of its group must not
+        go on training alone.
+        """
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        await self._queue.put(Between(call, done))
+        return await done
 
     async def _expire(self) -> None:
         """End idle sessions now and then (a dead edge's session, and its stored reply, must not stay forever),
@@ -241,7 +264,16 @@ class SplitServer:
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            route, frames, header, queued = await self._queue.get()
+            item = await self._queue.get()
+            if isinstance(item, Between):
+                try:
+                    item.done.set_result(await loop.run_in_executor(self._executor, item.call))
+                except Exception as exc:
+                    item.done.set_exception(exc)
+                    raise
+                self._queue.task_done()
+                continue
+            route, frames, header, queued = item
             if header["kind"] == "hello":
                 reply, opened = self._handshake(route, frames, header)
                 if opened and self.after_open is not None:

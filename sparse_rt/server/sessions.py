@@ -362,7 +362,7 @@ class SessionTable:
         return [{"id": s.id, "owner": s.owner.hex(), "mode": s.mode, "budget": s.budget, "codec": s.codec,
                  "lz4": s.lz4, "grad_codec": s.grad_codec, "grad_lz4": s.grad_lz4, "timing": s.timing,
                  "codecs": sorted(map(entry_name, s.codecs)), "cut": s.cut, "last_step": s.last_step,
-                 "steps": self.stats.steps_per_session.get(s.id, 0)} for s in self.sessions.values()]
+                 "steps": self.stats.steps_per_session.get(s.id, 0)} for s in list(self.sessions.values())]
 
     def restore(self, sessions: list[dict[str, Any]]) -> None:
         """Sessions from a checkpoint: their edges go on where the checkpoint left them (replies are not kept).

@@ -120,7 +120,12 @@ class Checkpointer:
 
     def now(self, why: str) -> None:
         """Save at once (e.g. a new session: a restart must know it), when saving periodically at all."""
-        if self.path is not None and self.every:
+        if self.every:
+            self.save(why)
+
+    def save(self, why: str) -> None:
+        """Save at once, whatever ``every`` says (a replica group's round decides when itself)."""
+        if self.path is not None:
             self._attempt(why)
 
     def final(self) -> bool:
