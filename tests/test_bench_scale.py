@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 
-from sparse_rt.bench.scale import COLUMNS
+from sparse_rt.bench.scale import COLUMNS, TRAINING_COLUMNS
 from tests.bench_helpers import bench_usage_error, run_bench
 
 
 def test_one_and_two_replicas_and_a_kill_lose_no_request(capsys, tmp_path):
     code, out, err = run_bench(capsys, "scale", "--pipeline", "digits_cnn", "--edges", "2", "--seconds", "4",
-                               "--warmup", "1", "--json", "--out", str(tmp_path))
+                               "--warmup", "1", "--no-training", "--json", "--out", str(tmp_path))
     assert code == 0, err
     report = json.loads(out)
     assert report["suite"] == "scale" and report["training"] == []
@@ -27,5 +27,26 @@ def test_one_and_two_replicas_and_a_kill_lose_no_request(capsys, tmp_path):
     assert (tmp_path / "scale.json").exists() and (tmp_path / "scale.png").stat().st_size > 1000
 
 
+def test_training_on_one_process_and_on_a_group_of_two_and_with_a_replica_killed(capsys):
+    code, out, err = run_bench(capsys, "scale", "--no-inference", "--training-pipeline", "digits_cnn",
+                               "--training-edges", "2", "--epochs", "5", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["inference"] == []
+    rows = report["training"]
+    assert [(row["scenario"], row["replicas"]) for row in rows] == [("steady", 1), ("steady", 2), ("kill", 2)]
+    for row in rows:
+        assert set(TRAINING_COLUMNS) <= set(row)
+        assert row["samples_per_s"] > 0 and row["lost_requests"] == 0 and row["accuracy"] >= 0.9, row
+    single, group, kill = rows
+    assert single["max_param_diff"] is None and single["restarts"] == 0
+    for row in (group, kill):  # both replicas trained, and ended with the same bits
+        assert len(row["steps_applied"]) == 2 and min(row["steps_applied"]) > 0, row
+        assert row["max_param_diff"] <= 1e-6 and row["digests_equal"], row
+    assert group["steps_rolled_back"] == 0 and group["restarts"] == 0
+    assert kill["restarts"] == 1 and kill["recovery_s"] is not None and kill["steps_rolled_back"] >= 0
+
+
 def test_bad_options_are_usage_errors(capsys):
     assert "--edges" in bench_usage_error(capsys, "scale", "--edges", "0")
+    assert "--merge" in bench_usage_error(capsys, "scale", "--merge", "median")

@@ -1,13 +1,17 @@
 """Offline checks of the deployment recipes: nodes/Dockerfile and the Kubernetes manifests under nodes/k8s/.
 
+Two groups of manifests: inference replicas behind a broker (nodes/k8s/*.yaml, jobs/, load/) and a
+training group behind a broker of its own (nodes/k8s/training/: torchrun in an Indexed Job).
+
 No cluster and no container runtime run in CI, so nothing here builds an image or applies a manifest.
 What can be checked without them is: every manifest against the Kubernetes schemas (strict, so a
 misspelt field fails), every `sparse-rt` command line in them through the real CLI into a valid
-NodeConfig, the selectors, ports and addresses that tie the objects together, and what the
-Dockerfile installs and runs.
+NodeConfig (and every `torchrun` one through torch's own parser), the selectors, ports and addresses
+that tie the objects together, and what the Dockerfile installs and runs.
 """
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import json
 import re
@@ -20,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import all_versions, major_minor
+from torch.distributed.run import get_args_parser
 
 from sparse_rt.cli import cli, node
 from sparse_rt.config import NodeConfig, load_node_config
@@ -32,6 +37,7 @@ DOCKERIGNORE = REPO / "nodes" / "Dockerfile.dockerignore"  # BuildKit's ignore f
 KUBERNETES_VERSION = "1.30"
 NAME, COMPONENT = "app.kubernetes.io/name", "app.kubernetes.io/component"
 WORKLOADS = ("Deployment", "Job", "Pod")
+TORCHRUN_MODULE = "sparse_rt"  # `python -m sparse_rt` is the `sparse-rt` command (sparse_rt/__main__.py)
 
 
 def _documents() -> list[tuple[str, dict[str, Any]]]:
@@ -76,12 +82,70 @@ def _selects(match_labels: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(match_labels) and match_labels.items() <= labels.items()
 
 
+def _workload_of(container: dict[str, Any]) -> dict[str, Any]:
+    (doc,) = [doc for doc, _, spec in _pods() if any(other is container for other in spec["containers"])]
+    return doc
+
+
+def _torchrun(container: dict[str, Any]) -> argparse.Namespace | None:
+    """torchrun's own options, through torch's parser, for a container that runs torchrun; None otherwise."""
+    command = container.get("command")
+    if not command or command[0] != "torchrun":
+        return None
+    return get_args_parser().parse_args([*command[1:], *container.get("args", [])])
+
+
+def _endpoint(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    assert host and port.isdigit(), f"not a HOST:PORT endpoint: {address}"
+    return host, int(port)
+
+
+def _nnodes(launch: argparse.Namespace) -> int:
+    """torchrun's --nnodes, N or MIN:MAX: a fixed group size, MIN = MAX (the Job has a fixed number of pods)."""
+    low, _, high = launch.nnodes.partition(":")
+    assert int(low) == int(high or low), f"--nnodes {launch.nnodes}: an elastic size the Job cannot follow"
+    return int(low)
+
+
+def _check_torchrun(launch: argparse.Namespace, container: dict[str, Any]) -> None:
+    """torchrun starting `sparse-rt` as one node of a group that spans its Indexed Job's pods."""
+    name = container["name"]
+    assert launch.module and not launch.no_python and not launch.run_path, f"{name}: torchrun -m {TORCHRUN_MODULE}"
+    assert launch.training_script == TORCHRUN_MODULE and container["command"][-1] == TORCHRUN_MODULE
+    assert launch.training_script_args == container.get("args", []), f"{name}: args are all `sparse-rt`'s"
+    assert launch.max_restarts >= 1, f"{name}: torchrun must restart the group when a replica dies"
+    assert not launch.standalone and launch.rdzv_backend == "c10d", f"{name}: a rendezvous across pods"
+    assert launch.rdzv_id != "none", f"{name}: the group's own --rdzv-id"
+    job = _workload_of(container)
+    assert job["kind"] == "Job" and job["spec"].get("completionMode") == "Indexed", \
+        f"{name}: pod hostnames JOB-INDEX come with an Indexed Job"
+    assert _nnodes(launch) == job["spec"]["completions"], f"{name}: --nnodes is the Job's completions"
+    # pod 0 of the Job, by the name its hostname and subdomain give it in the headless Service
+    subdomain = job["spec"]["template"]["spec"].get("subdomain")
+    service = _named("Service", subdomain)
+    assert service["spec"].get("clusterIP") == "None"
+    host, port = _endpoint(launch.rdzv_endpoint)
+    assert host == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert port in [entry["port"] for entry in service["spec"]["ports"]]
+
+
 def _invocation(container: dict[str, Any]) -> list[str] | None:
-    """The `sparse-rt` arguments a container runs, or None if it runs something else."""
+    """The `sparse-rt` arguments a container runs, or None if it runs something else.
+
+    A container may also run `torchrun ... -m sparse_rt` with the `sparse-rt` arguments as its args:
+    torchrun's part is checked here (_check_torchrun) and the rest returned.
+    """
     command = container.get("command")
     if command is None:  # the image's ENTRYPOINT, `sparse-rt`
         return list(container.get("args", []))
-    return [*command[1:], *container.get("args", [])] if command[0] == "sparse-rt" else None
+    if command[0] == "sparse-rt":
+        return [*command[1:], *container.get("args", [])]
+    launch = _torchrun(container)
+    if launch is None:
+        return None
+    _check_torchrun(launch, container)
+    return list(launch.training_script_args)
 
 
 def _cpu(quantity: str | int | float) -> float:
@@ -126,11 +190,18 @@ def _node_config(container: dict[str, Any], tmp_path: Path) -> NodeConfig:
     return config
 
 
-def test_the_manifests_hold_the_broker_replicas_edges_and_policy():
-    kinds = sorted(doc["kind"] for doc in DOCS)
-    assert kinds.count("Deployment") == 2 and kinds.count("Service") == 1 and kinds.count("Job") == 1
-    assert "NetworkPolicy" in kinds and "PersistentVolumeClaim" in kinds
-    assert "ConfigMap" not in kinds
+def test_the_manifests_hold_both_groups_brokers_replicas_edges_claims_and_policies():
+    names: dict[str, list[str]] = {}
+    for doc in DOCS:
+        names.setdefault(doc["kind"], []).append(doc["metadata"]["name"])
+    assert {kind: sorted(found) for kind, found in names.items()} == {
+        "Deployment": ["sparse-rt-broker", "sparse-rt-replica", "sparse-rt-train-broker"],
+        "Service": ["sparse-rt-broker", "sparse-rt-train-broker", "sparse-rt-trainer"],
+        "Job": ["sparse-rt-edge", "sparse-rt-train-edge", "sparse-rt-trainer"],
+        "Pod": ["sparse-rt-load"],
+        "NetworkPolicy": ["sparse-rt-broker", "sparse-rt-replica", "sparse-rt-train-broker", "sparse-rt-trainer"],
+        "PersistentVolumeClaim": ["sparse-rt-data", "sparse-rt-models", "sparse-rt-state"],
+    }  # no ConfigMap: a model set is binary and may outgrow one
 
 
 def test_the_kubernetes_version_is_one_kubernetes_validate_ships():
@@ -166,10 +237,15 @@ def test_the_workload_selectors_match_their_own_pods_only():
         assert "selector" not in doc["spec"], "the Job controller makes the Job's own selector"
 
 
-def test_the_broker_service_selects_the_broker_pod_and_its_ports():
-    service = _named("Service", "sparse-rt-broker")
+BROKERS = [("sparse-rt-broker", "broker"), ("sparse-rt-train-broker", "train-broker")]  # Service, component
+
+
+@pytest.mark.parametrize("service_name, component", BROKERS)
+def test_the_broker_service_selects_the_broker_pod_and_its_ports(service_name, component):
+    service = _named("Service", service_name)
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP", "5556 must not leave the cluster"
-    broker, _, _ = _of_component("broker")
+    assert service["spec"].get("clusterIP") != "None", "the edges reach the broker through the Service's address"
+    broker, _, _ = _of_component(component)
     for doc, labels, _ in _pods():
         assert _selects(service["spec"]["selector"], labels) == (doc is broker)
     (container,) = _pod(broker)[1]["containers"]
@@ -184,26 +260,30 @@ def test_the_broker_service_selects_the_broker_pod_and_its_ports():
 
 def test_every_sparse_rt_command_line_parses_into_a_valid_node_config(tmp_path):
     roles = []
-    for doc, _, spec in _pods():
+    for doc, labels, spec in _pods():
         for container in spec["containers"]:
             if _invocation(container) is None:
                 assert doc["kind"] == "Pod", f"{doc['metadata']['name']}: a workload that does not run sparse-rt"
                 continue
             config = _node_config(container, tmp_path / doc["metadata"]["name"] / container["name"])
-            roles.append(config.role)
+            roles.append((labels[COMPONENT], config.role))
             if config.pipeline:
                 get_pipeline(config.pipeline)
-    assert sorted(roles) == ["broker", "edge", "server"]
+    assert sorted(roles) == [("broker", "broker"), ("edge", "edge"), ("replica", "server"),
+                             ("train-broker", "broker"), ("train-edge", "edge"), ("trainer", "server")]
 
 
-def test_the_broker_binds_the_ports_its_container_and_service_expose(tmp_path):
-    _, _, spec = _of_component("broker")
+@pytest.mark.parametrize("service_name, component", BROKERS)
+def test_the_broker_binds_the_ports_its_container_and_service_expose(tmp_path, service_name, component):
+    doc, _, spec = _of_component(component)
     (container,) = spec["containers"]
     config = _node_config(container, tmp_path)
+    assert config.role == "broker"
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert _tcp(config.bind) == ("0.0.0.0", ports["edges"])
     assert _tcp(config.backend) == ("0.0.0.0", ports["replicas"])
-    assert _named("Deployment", "sparse-rt-broker")["spec"]["replicas"] == 1
+    assert doc["kind"] == "Deployment" and doc["metadata"]["name"] == service_name
+    assert doc["spec"]["replicas"] == 1 and doc["spec"]["strategy"]["type"] == "Recreate", "never two brokers"
 
 
 def test_the_replicas_join_the_broker_service_with_one_thread_and_one_core(tmp_path):
@@ -221,6 +301,70 @@ def test_the_replicas_join_the_broker_service_with_one_thread_and_one_core(tmp_p
     assert "ports" not in container, "a replica connects out to the broker and listens on nothing"
 
 
+def test_the_trainers_join_the_train_broker_service_with_one_thread_and_one_core(tmp_path):
+    doc, _, spec = _of_component("trainer")
+    (container,) = spec["containers"]
+    config = _node_config(container, tmp_path)
+    service = _named("Service", "sparse-rt-train-broker")
+    (backend,) = [port for port in service["spec"]["ports"] if port["name"] == "replicas"]
+    assert _tcp(config.join) == (service["metadata"]["name"], backend["port"])
+    assert config.role == "server" and config.bind is None and config.threads == 1
+    assert config.models is None, "a server with a model set serves inference and joins no group"
+    assert config.curve_key is None  # refused through a broker
+    assert config.checkpoint is not None and config.checkpoint_every > 0, "rank 0 keeps the group's checkpoint"
+    assert int(_torchrun(container).nproc_per_node) == 1, "one replica per pod, on its one core"
+    resources = container["resources"]
+    assert _cpu(resources["requests"]["cpu"]) == _cpu(resources["limits"]["cpu"]) == 1
+    assert [port["name"] for port in container["ports"]] == ["rendezvous"]
+
+
+def test_every_torchrun_spans_its_indexed_job_one_node_per_pod():
+    launched = [(doc, container) for doc, _, spec in _pods() for container in spec["containers"]
+                if _torchrun(container) is not None]
+    assert [doc["metadata"]["name"] for doc, _ in launched] == ["sparse-rt-trainer"]
+    for doc, container in launched:
+        assert _invocation(container)[0] == "node"  # torchrun's part checked there (_check_torchrun)
+        launch = _torchrun(container)
+        assert _nnodes(launch) == doc["spec"]["completions"] == doc["spec"]["parallelism"], \
+            "every node of the group at once: the rendezvous waits for --nnodes"
+        assert doc["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure" or "podFailurePolicy" in doc["spec"]
+
+
+def test_the_headless_service_names_exactly_the_trainer_pods_for_the_rendezvous():
+    service = _named("Service", "sparse-rt-trainer")
+    assert service["spec"]["clusterIP"] == "None", "headless: each pod's own DNS name, no virtual IP"
+    assert service["spec"].get("publishNotReadyAddresses") is True, "pod 0's name resolves before it is Ready"
+    trainer, _, spec = _of_component("trainer")
+    assert spec["subdomain"] == service["metadata"]["name"]
+    for doc, labels, _ in _pods():
+        assert _selects(service["spec"]["selector"], labels) == (doc is trainer), doc["metadata"]["name"]
+    (container,) = spec["containers"]
+    container_ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    (port,) = service["spec"]["ports"]
+    assert port["name"] == "rendezvous"
+    target = port["targetPort"]
+    assert (container_ports[target] if isinstance(target, str) else target) == port["port"] == \
+        container_ports["rendezvous"] == _endpoint(_torchrun(container).rdzv_endpoint)[1]
+
+
+def test_the_state_claim_is_read_write_many_at_the_checkpoints_folder_on_every_trainer_pod(tmp_path):
+    trainers = [(doc, spec) for doc, labels, spec in _pods() if labels.get(COMPONENT) == "trainer"]
+    assert trainers
+    for doc, spec in trainers:  # one template for all the Job's pods
+        (container,) = spec["containers"]
+        where = tmp_path / doc["metadata"]["name"]
+        config = _node_config(container, where)
+        (mount,) = [mount for mount in container["volumeMounts"] if where / mount["name"] == config.checkpoint.parent]
+        assert not mount.get("readOnly"), "rank 0 writes the checkpoint"
+        (volume,) = [volume for volume in spec["volumes"] if volume["name"] == mount["name"]]
+        assert set(volume) == {"name", "persistentVolumeClaim"} and not volume["persistentVolumeClaim"].get("readOnly")
+        claim = _named("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        assert claim["metadata"]["labels"][COMPONENT] == "state"
+        assert "ReadWriteMany" in claim["spec"]["accessModes"], "rank 0 may be on either pod; every rank reads it"
+        context = spec["securityContext"]
+        assert context.get("fsGroup") == context["runAsGroup"], "the claim writable by the image's user"
+
+
 def test_the_model_set_is_a_read_only_claim_at_slash_models(tmp_path):
     for component in ("replica", "edge"):
         _, _, spec = _of_component(component)
@@ -236,31 +380,52 @@ def test_the_model_set_is_a_read_only_claim_at_slash_models(tmp_path):
             assert "configMap" not in volume
 
 
-def test_the_edges_connect_to_the_broker_service_four_at_once_and_only_infer(tmp_path):
-    doc, _, spec = _of_component("edge")
-    assert doc["kind"] == "Job" and doc["spec"]["parallelism"] == 4
+@pytest.mark.parametrize("component, service_name, mode", [("edge", "sparse-rt-broker", "infer"),
+                                                            ("train-edge", "sparse-rt-train-broker", "train")])
+def test_the_edges_connect_to_their_broker_service_four_at_once_in_their_mode(tmp_path, component, service_name,
+                                                                              mode):
+    doc, _, spec = _of_component(component)
+    assert doc["kind"] == "Job" and doc["spec"]["parallelism"] == doc["spec"]["completions"] == 4
     (container,) = spec["containers"]
     config = _node_config(container, tmp_path)
-    service = _named("Service", "sparse-rt-broker")
+    service = _named("Service", service_name)
     (edges,) = [port for port in service["spec"]["ports"] if port["name"] == "edges"]
     assert _tcp(config.connect) == (service["metadata"]["name"], edges["port"])
-    assert config.mode == "infer" and config.role == "edge"
-    mounts = [mount["mountPath"] for mount in container["volumeMounts"]]
-    for env in container.get("env", []):  # the data file the edge reads is on a volume it mounts
-        if env["name"] == "SPARSE_RT_CIFAR10_SUBSET":
-            assert any(env["value"].startswith(path.rstrip("/") + "/") for path in mounts)
+    assert config.mode == mode and config.role == "edge"
+    # the CIFAR-10 subset the edge reads is on the data claim, mounted read-only
+    (data,) = [env["value"] for env in container.get("env", []) if env["name"] == "SPARSE_RT_CIFAR10_SUBSET"]
+    (mount,) = [mount for mount in container["volumeMounts"] if data.startswith(mount["mountPath"].rstrip("/") + "/")]
+    assert mount.get("readOnly") is True
+    (volume,) = [volume for volume in spec["volumes"] if volume["name"] == mount["name"]]
+    claim = volume["persistentVolumeClaim"]
+    assert claim["claimName"] == "sparse-rt-data" and claim["readOnly"]
 
 
-def test_only_the_replica_pods_may_reach_the_brokers_backend_port():
-    broker, broker_labels, _ = _of_component("broker")
+def _ingress_rules(labels: dict[str, str]) -> list[dict[str, Any]]:
+    """The ingress rules of every NetworkPolicy that selects these pods; at least one must, for Ingress."""
+    policies = [doc for doc in _of_kind("NetworkPolicy") if _selects(doc["spec"]["podSelector"]["matchLabels"], labels)]
+    assert policies and all("Ingress" in doc["spec"]["policyTypes"] for doc in policies), labels
+    assert all(set(doc["spec"]["podSelector"]) == {"matchLabels"} for doc in policies)
+    return [rule for doc in policies for rule in doc["spec"].get("ingress", [])]
+
+
+def _sources(rule: dict[str, Any]) -> set[str]:
+    """The components of the pods a rule's `from` admits; it must name pods of this namespace only."""
+    assert rule.get("from"), "a rule without `from` admits every source"
+    found = set()
+    for peer in rule["from"]:
+        assert set(peer) == {"podSelector"}, "namespaces and IP blocks reach further than the pods named"
+        assert set(peer["podSelector"]) == {"matchLabels"}
+        found |= {labels[COMPONENT] for _, labels, _ in _pods() if _selects(peer["podSelector"]["matchLabels"], labels)}
+    return found
+
+
+@pytest.mark.parametrize("broker_component, replica_component", [("broker", "replica"), ("train-broker", "trainer")])
+def test_only_the_replica_pods_may_reach_their_brokers_backend_port(broker_component, replica_component):
+    broker, broker_labels, _ = _of_component(broker_component)
     (container,) = _pod(broker)[1]["containers"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    _, replica_labels, _ = _of_component("replica")
-    others = [labels for doc, labels, _ in _pods() if labels.get(COMPONENT) != "replica"]
-    policies = [doc for doc in _of_kind("NetworkPolicy") if _selects(doc["spec"]["podSelector"]["matchLabels"],
-                                                                      broker_labels)]
-    assert policies and all("Ingress" in doc["spec"]["policyTypes"] for doc in policies)
-    rules = [rule for doc in policies for rule in doc["spec"].get("ingress", [])]
+    rules = _ingress_rules(broker_labels)
 
     def admits(rule: dict[str, Any], port: int) -> bool:
         return "ports" not in rule or any(entry.get("port") in (port, *[n for n, p in ports.items() if p == port])
@@ -269,12 +434,21 @@ def test_only_the_replica_pods_may_reach_the_brokers_backend_port():
     backend = [rule for rule in rules if admits(rule, ports["replicas"])]
     assert backend, "no rule lets the replicas in"
     for rule in backend:
-        assert rule.get("from"), "a rule without `from` admits every source"
-        for peer in rule["from"]:
-            assert set(peer) == {"podSelector"}, "namespaces and IP blocks reach further than the replica pods"
-            assert _selects(peer["podSelector"]["matchLabels"], replica_labels)
-            assert not any(_selects(peer["podSelector"]["matchLabels"], labels) for labels in others)
-    assert any(admits(rule, ports["edges"]) for rule in rules), "the edges' port must stay reachable"
+        assert _sources(rule) == {replica_component}
+    assert any(admits(rule, ports["edges"]) and not rule.get("from") for rule in rules), \
+        "the edges' port must stay reachable from anywhere"
+
+
+@pytest.mark.parametrize("component, peers", [("replica", set()), ("trainer", {"trainer"})])
+def test_only_a_replicas_own_group_may_connect_to_it(component, peers):
+    _, labels, _ = _of_component(component)
+    rules = _ingress_rules(labels)
+    for rule in rules:
+        assert _sources(rule) == peers
+    if not peers:
+        assert rules == [], "an inference replica listens on nothing: nothing may connect to it"
+    else:  # the rendezvous is on its port, but gloo connects on ports chosen at each start
+        assert any("ports" not in rule for rule in rules), "every port between the group's pods"
 
 
 def test_probes_need_no_http():
@@ -282,15 +456,18 @@ def test_probes_need_no_http():
         for container in spec["containers"]:
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 assert "httpGet" not in container.get(probe, {}), f"{doc['metadata']['name']}: ZeroMQ speaks no HTTP"
-    _, _, spec = _of_component("broker")
-    (container,) = spec["containers"]
-    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    port = container["livenessProbe"]["tcpSocket"]["port"]
-    assert port in ports or port in ports.values()
-    _, _, spec = _of_component("replica")
-    (container,) = spec["containers"]
-    # no port to probe: no probe, or one that runs a command (replicas.yaml says why there is none)
-    assert "livenessProbe" not in container or "exec" in container["livenessProbe"]
+    for _, component in BROKERS:
+        _, _, spec = _of_component(component)
+        (container,) = spec["containers"]
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        for probe in ("livenessProbe", "readinessProbe"):
+            port = container[probe]["tcpSocket"]["port"]
+            assert port in ports or port in ports.values()
+    for component in ("replica", "trainer"):
+        _, _, spec = _of_component(component)
+        (container,) = spec["containers"]
+        # no port every pod listens on: no probe, or one that runs a command (replicas.yaml, trainer.yaml say why)
+        assert "livenessProbe" not in container or "exec" in container["livenessProbe"]
 
 
 def _dockerfile() -> list[tuple[str, str]]:

@@ -87,7 +87,7 @@ def test_two_replicas_train_one_tail_and_end_identical(broker, tmp_path):
         edges = [edge.result(timeout=180) for edge in _edges(broker, epochs=4)]
         replicas = _stop(group, broker)
     finally:
-        group.process.kill()
+        group.kill()
     assert all(edge["test_accuracy"] >= ACCURACY for edge in edges), [edge["test_accuracy"] for edge in edges]
     assert sorted(r["group"]["rank"] for r in replicas) == [0, 1]
     assert all(r["steps_applied"] > 0 for r in replicas)  # the broker gave each replica an edge
@@ -102,6 +102,13 @@ def test_two_replicas_train_one_tail_and_end_identical(broker, tmp_path):
     assert state_digest(saved.model_state) == replicas[0]["group"]["digest"]
     assert saved.meta["steps"] == total
     assert [path.name for path in tmp_path.iterdir()] == ["tail.pt"]
+    # A group started afresh next to its checkpoint (as Kubernetes may) goes on from it, every replica.
+    again = NodeProcess("server", {"pipeline": PIPELINE, "join": "tcp://127.0.0.1:9", "threads": 1,
+                                   "checkpoint": checkpoint}, torchrun=["--standalone", "--nproc-per-node", "2"])
+    try:
+        again.wait_for(f"resumed the tail from {checkpoint} after {total} steps", count=2, timeout=120)
+    finally:
+        again.kill()
 
 
 def test_a_replica_killed_mid_training_is_restarted_by_torchrun_and_the_rolled_back_steps_counted(broker, tmp_path):
@@ -115,7 +122,7 @@ def test_a_replica_killed_mid_training_is_restarted_by_torchrun_and_the_rolled_b
         group.wait_for("restart 1)", count=2, timeout=60)
         replicas = _stop(group, broker)
     finally:
-        group.process.kill()
+        group.kill()
     assert all(edge["test_accuracy"] >= ACCURACY for edge in results), [edge["test_accuracy"] for edge in results]
     after = [r for r in replicas if r["group"]["restarts"] == 1]
     assert sorted(r["group"]["rank"] for r in after) == [0, 1]

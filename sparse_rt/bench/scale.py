@@ -15,13 +15,16 @@ slower than twice the 1-replica p99.
 
 The default pipeline, vgg11_cifar10, cut after its second conv block, puts
 about six sevenths of the compute in the tail: what replicas share out.
-Training replicas (issue 12, part 2) are not built yet; ``training`` is
-empty.
+Training rows (bench/scale_training.py): the same tail trained by 4
+edges on 1 server process and on a torchrun group of 2, and the group with
+one replica killed; by default cifar_cnn, whose training reaches a
+meaningful accuracy in a few minutes on this machine.
 """
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +32,14 @@ import click
 
 from sparse_rt.bench.common import BenchReport, PipelineList, percentile, pyplot, save_figure
 from sparse_rt.bench.edges import run_window
+from sparse_rt.bench.scale_training import run_training
+from sparse_rt.cluster.group import MERGES, ROUND_SECONDS
 from sparse_rt.nodes.launch import NodeProcess
 
 COLUMNS = ("scenario", "replicas", "edges", "samples_per_s", "p50_ms", "p99_ms", "lost_requests", "recovery_s",
            "speedup")
+TRAINING_COLUMNS = ("scenario", "replicas", "edges", "epochs", "samples_per_s", "p99_ms", "accuracy", "max_param_diff",
+                    "steps_rolled_back", "recovery_s", "speedup")
 READY_TIMEOUT = 300.0
 KILL_AT = 1 / 3  # of the window
 
@@ -89,18 +96,21 @@ def run_inference(scenario: str, replicas: int, edges: int, pipeline: str, batch
     return row
 
 
-def run_scale(pipeline: str, edges: int, batch: int, seconds: float, warmup: int, seed: int,
-              threads: int) -> BenchReport:
-    one = run_inference("steady", 1, edges, pipeline, batch, seconds, warmup, seed, threads)
-    two = run_inference("steady", 2, edges, pipeline, batch, seconds, warmup, seed, threads)
-    kill = run_inference("kill", 2, edges, pipeline, batch, seconds, warmup, seed, threads, one["p99_ms"])
-    for row in (two, kill):
-        row["speedup"] = row["samples_per_s"] / one["samples_per_s"]
-    report = BenchReport("scale", COLUMNS, [one, two, kill])
+def run_scale(pipeline: str, edges: int, batch: int, seconds: float, warmup: int, seed: int, threads: int,
+              training: TrainingPlan | None = None, inference: bool = True) -> tuple[BenchReport, BenchReport]:
+    """The inference rows and the training rows (either may be left out: an empty report)."""
+    rows = []
+    if inference:
+        one = run_inference("steady", 1, edges, pipeline, batch, seconds, warmup, seed, threads)
+        two = run_inference("steady", 2, edges, pipeline, batch, seconds, warmup, seed, threads)
+        kill = run_inference("kill", 2, edges, pipeline, batch, seconds, warmup, seed, threads, one["p99_ms"])
+        for row in (two, kill):
+            row["speedup"] = row["samples_per_s"] / one["samples_per_s"]
+        rows = [one, two, kill]
+    report = BenchReport("scale", COLUMNS, rows)
     report.settings = {"pipeline": pipeline, "edges": edges, "batch": batch, "seconds": seconds,
                        "warmup_requests": warmup, "seed": seed, "replica_torch_threads": threads,
-                       "edge_torch_threads": 1, "transport": "tcp://127.0.0.1", "kill_at": KILL_AT,
-                       "training": "not built yet (issue 12, part 2)"}
+                       "edge_torch_threads": 1, "transport": "tcp://127.0.0.1", "kill_at": KILL_AT}
     report.notes = [
         f"inference: {edges} edge processes send requests of {batch} synthetic images back to back in one "
         f"{seconds:g} s window, through a broker, to replicas of the same tail (torch at {threads} thread(s) each)",
@@ -108,7 +118,54 @@ def run_scale(pipeline: str, edges: int, batch: int, seconds: float, warmup: int
         f"{KILL_AT:.0%} into the window; recovery_s: from the kill to the end of the last request slower than "
         "twice the 1-replica p99 (target: within 5 s, 0 lost requests)",
     ]
-    return report
+    trained = BenchReport("scale-training", TRAINING_COLUMNS, [])
+    if training is not None:
+        plan = training
+        single = _repeated([run_training("steady", 1, plan.edges, plan.pipeline, plan.epochs, seed + k, threads)
+                            for k in range(plan.repeats)])
+        group = _repeated([run_training("steady", 2, plan.edges, plan.pipeline, plan.epochs, seed + k, threads,
+                                        plan.merge) for k in range(plan.repeats)])
+        kill = run_training("kill", 2, plan.edges, plan.pipeline, plan.epochs, seed, threads, plan.merge)
+        for row in (group, kill):
+            row["speedup"] = row["samples_per_s"] / single["samples_per_s"]
+        trained.rows = [single, group, kill]
+        trained.settings = {"pipeline": plan.pipeline, "edges": plan.edges, "epochs": plan.epochs, "merge": plan.merge,
+                            "repeats": plan.repeats,
+                            "round_seconds": ROUND_SECONDS, "seed": seed, "replica_torch_threads": threads}
+        trained.notes = [
+            f"training: {plan.edges} edge processes, each on its {plan.edges}th of the training data, train their "
+            f"heads for {plan.epochs} epochs with one tail: one server process, or a torchrun group of 2 combining "
+            f"by {plan.merge} every {ROUND_SECONDS:g} s; accuracy: the edges' mean test accuracy (target: 2 replicas "
+            "within 1 point of 1); max_param_diff: the group's own check after the edges finished (target: <= 1e-6)",
+            "kill: a replica is SIGKILLed after the group's checkpoint holds every session; torchrun restarts the "
+            "group from it; recovery_s: from the kill until both replicas serve again",
+            f"steady rows: the mean of {plan.repeats} run(s), seeds {seed}..{seed + plan.repeats - 1} (accuracy_runs "
+            "lists each); the kill row: one run at the first seed",
+        ]
+    return report, trained
+
+
+def _repeated(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs of one row at several seeds as one row: means of the rates and accuracies, the worst of the rest."""
+    row = dict(rows[0])
+    for key in ("samples_per_s", "p50_ms", "p99_ms", "accuracy"):
+        row[key] = sum(r[key] for r in rows) / len(rows)
+    row["accuracy_runs"] = [r["accuracy"] for r in rows]
+    row["lost_requests"] = sum(r["lost_requests"] for r in rows)
+    diffs = [r["max_param_diff"] for r in rows if r["max_param_diff"] is not None]
+    row["max_param_diff"] = max(diffs) if diffs else None
+    row["digests_equal"] = None if row["digests_equal"] is None else all(r["digests_equal"] for r in rows)
+    row["steps_applied_runs"] = [r["steps_applied"] for r in rows]
+    return row
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    pipeline: str = "cifar_cnn"
+    edges: int = 4
+    epochs: int = 6
+    merge: str = "sum"
+    repeats: int = 1  # seeds per steady row
 
 
 def plot(report: BenchReport, path: Path) -> None:
@@ -141,22 +198,41 @@ def plot(report: BenchReport, path: Path) -> None:
               help="Requests per edge before the window.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per replica.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--inference/--no-inference", default=True, show_default=True, help="Run the inference rows.")
+@click.option("--training/--no-training", default=True, show_default=True, help="Run the training rows.")
+@click.option("--training-pipeline", type=PipelineList(), default=TrainingPlan.pipeline, show_default=True)
+@click.option("--training-edges", type=click.IntRange(min=2), default=TrainingPlan.edges, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=TrainingPlan.epochs, show_default=True,
+              help="Training epochs of every edge.")
+@click.option("--merge", type=click.Choice(MERGES), default=TrainingPlan.merge, show_default=True,
+              help="How the training group combines its replicas' steps.")
+@click.option("--repeats", type=click.IntRange(min=1), default=TrainingPlan.repeats, show_default=True,
+              help="Seeds per steady training row (its accuracy is their mean).")
 def command(as_json: bool, out: Path | None, pipeline: str, edges: int, batch: int, seconds: float, warmup: int,
-            threads: int, seed: int) -> None:
-    """Inference replicas behind a broker: 1 against 2 under N edges, and one replica killed mid-run.
+            threads: int, seed: int, inference: bool, training: bool, training_pipeline: str, training_edges: int,
+            epochs: int, merge: str, repeats: int) -> None:
+    """Replicas of the tail: inference behind a broker (1 against 2 under N edges, one killed mid-run), and
+    training by a torchrun group (1 server process against 2 replicas, one killed mid-run).
 
     \b
     Example:
-      sparse-rt bench scale --out docs/bench         # vgg11_cifar10, 8 edges, 15 s per row
+      sparse-rt bench scale --out docs/bench         # vgg11_cifar10 inference, cifar_cnn training
     """
-    report = run_scale(pipeline, edges, batch, seconds, warmup, seed, threads)
+    plan = TrainingPlan(training_pipeline, training_edges, epochs, merge, repeats) if training else None
+    report, trained = run_scale(pipeline, edges, batch, seconds, warmup, seed, threads, plan, inference)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "scale.json").write_text(json.dumps(report.to_dict(), separators=(",", ":")))
-        plot(report, out / "scale.png")
+        (out / "scale.json").write_text(json.dumps({"inference": report.to_dict(), "training": trained.to_dict()},
+                                                   separators=(",", ":")))
+        if report.rows:
+            plot(report, out / "scale.png")
     rows = [{k: v for k, v in row.items() if k != "timeline"} for row in report.rows]
     if as_json:
-        click.echo(json.dumps({"suite": "scale", "settings": report.settings, "inference": rows, "training": [],
-                               "notes": report.notes}))
+        click.echo(json.dumps({"suite": "scale", "settings": report.settings, "inference": rows,
+                               "training_settings": trained.settings, "training": trained.rows,
+                               "notes": report.notes + trained.notes}))
     else:
-        click.echo(BenchReport("scale", COLUMNS, rows).table())
+        if rows:
+            click.echo(BenchReport("scale", COLUMNS, rows).table())
+        if trained.rows:
+            click.echo(trained.table())

@@ -55,6 +55,7 @@ class GroupPlace:
     rank: int
     world_size: int
     restarts: int
+    local_world_size: int = 1  # replicas on this machine
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> GroupPlace | None:
@@ -62,7 +63,8 @@ class GroupPlace:
         world_size = int(environ.get("WORLD_SIZE", "1"))
         if world_size < 2:
             return None
-        return cls(int(environ["RANK"]), world_size, int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+        return cls(int(environ["RANK"]), world_size, int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                   int(environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 @dataclass
@@ -92,6 +94,7 @@ class ReplicaGroup:
             raise ValueError(f"merge must be one of {', '.join(MERGES)}, got {merge!r}")
         self.place, self.model, self.merge = place, model, merge
         self.rounds = 0  # rounds that merged something
+        self.refused = 0  # rounds whose combined state was not finite, dropped
         self.max_param_diff: float | None = None  # from the last quiet round's check
         self._checked = False  # the last merge has been checked
         self._steps_seen = 0  # this replica's steps applied at the last round
@@ -163,7 +166,7 @@ class ReplicaGroup:
     def summary(self) -> dict[str, Any]:
         """This replica's part of its node's summary (the digest shows, without collectives, that it matches)."""
         return {"rank": self.place.rank, "world_size": self.place.world_size, "restarts": self.place.restarts,
-                "merge": self.merge, "rounds": self.rounds, "group_steps": self.steps,
+                "merge": self.merge, "rounds": self.rounds, "rounds_refused": self.refused, "group_steps": self.steps,
                 "max_param_diff": self.max_param_diff, "digest": self.digest()}
 
     def _due(self, steps: int, every: int) -> bool:
@@ -174,8 +177,16 @@ class ReplicaGroup:
         return False
 
     def _combine(self) -> None:
-        """Every replica's change since the last round, summed (or averaged), onto the state they all had then."""
-        for dtype, tensors in self._by_dtype().items():
+        """Every replica's change since the last round, summed (or averaged), onto the state they all had then.
+
+        Each replica's steps were finite (the server's guard refuses others),
+        but their sum can still overflow: a combined state that is not finite
+        is refused whole, on every replica alike (they all see the same sum),
+        and the round's steps are lost rather than the tail.
+        """
+        groups = self._by_dtype()
+        combined = {}
+        for dtype, tensors in groups.items():
             synced = self._synced[dtype]
             change = self._flat(tensors) - synced
             if self.merge == "mean" and dtype.is_floating_point:
@@ -183,8 +194,15 @@ class ReplicaGroup:
             dist.all_reduce(change)
             if self.merge == "mean" and not dtype.is_floating_point:  # counters (batch norm's) stay whole
                 change = torch.div(change, self.place.world_size, rounding_mode="floor")
-            synced += change
-            self._scatter(tensors, synced)
+            combined[dtype] = synced + change
+        if not all(bool(torch.isfinite(flat).all()) for dtype, flat in combined.items() if dtype.is_floating_point):
+            self.refused += 1
+            log.error("the replicas' combined steps are not finite: this round's steps are dropped on every replica "
+                      "(%d rounds refused so far)", self.refused)
+            combined = self._synced
+        for dtype, tensors in groups.items():
+            self._scatter(tensors, combined[dtype])
+        self._synced = combined
 
     def difference(self) -> float:
         """The largest element-wise difference between any two replicas' states (collective: every rank calls it)."""

@@ -124,6 +124,15 @@ class NodeProcess:
                 children.append(int(stat.parent.name))
         return sorted(children)
 
+    def kill(self) -> None:
+        """SIGKILL the node and the nodes torchrun started, which a killed torchrun would leave running."""
+        for pid in self.workers():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.kill()
+
     def results(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """Every JSON summary printed, one per line (a group under torchrun prints one per replica)."""
         code, stdout = self.finish(timeout)

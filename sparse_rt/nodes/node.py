@@ -20,7 +20,7 @@ import zmq
 import zmq.asyncio
 
 from sparse_rt.config import NodeConfig, shard_index
-from sparse_rt.errors import DataError
+from sparse_rt.errors import ConfigError, DataError
 from sparse_rt.pipeline import get_pipeline
 from sparse_rt.assembly import largest_frame, server_chain, server_side
 from sparse_rt.store.checkpoint import Checkpointer, check_writable, read_checkpoint, save_checkpoint
@@ -87,6 +87,9 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     optimizer = build_optimizer(model.parameters(), training.optimizer, training.lr, training.weight_decay)
     place = GroupPlace.from_environment() if config.models is None else None
     group = ReplicaGroup(place, model, config.merge) if place is not None else None
+    if group is not None and config.bind is not None and place.local_world_size > 1:
+        raise ConfigError(f"{place.local_world_size} replicas on this machine cannot all bind {config.bind}: "
+                          "let them join a broker (--join), or start one replica per machine")
     steps_before, sessions = 0, []
     if _resumes(config, place):
         meta = read_checkpoint(config.checkpoint).restore(model, optimizer)
@@ -200,14 +203,24 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
 
 
 def _resumes(config: NodeConfig, place: GroupPlace | None) -> bool:
-    """--resume, or a group's replica that torchrun restarted: it goes on from the group's last checkpoint."""
+    """--resume, or any replica of a group whose checkpoint exists: it goes on from the group's last checkpoint.
+
+    A group's processes are restarted by others (torchrun after a failure,
+    Kubernetes when it recreates a pod, whose torchrun counts from 0 again):
+    a replica that started afresh next to an existing checkpoint would
+    overwrite it with a new tail. To start a group's tail anew, remove the
+    checkpoint.
+    """
     if config.resume:
         return True
-    restarted = place is not None and place.restarts > 0 and config.checkpoint is not None
-    if restarted and not config.checkpoint.exists():
+    if place is None or config.checkpoint is None:
+        return False
+    if config.checkpoint.exists():
+        return True
+    if place.restarts > 0:
         log.warning("restarted by torchrun (restart %d) with no checkpoint at %s yet: starting the tail afresh",
                     place.restarts, config.checkpoint)
-    return restarted and config.checkpoint.exists()
+    return False
 
 
 def _after_open(config: NodeConfig, checkpoints: Checkpointer, group: ReplicaGroup | None) -> Callable[[], None] | None:
