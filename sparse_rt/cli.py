@@ -400,7 +400,10 @@ def _edges_table(combined: dict) -> str:
 @click.option("--allow-infer-keys", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Server, with --curve-key: folder of client .key files allowed to infer only.")
 @click.option("--server-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Edge, with --curve-key: the server's public NAME.key.")
+              help="Edge, with --curve-key: the server's (or broker's) public NAME.key. Replica (--join): the "
+                   "broker's.")
+@click.option("--allow-replica-keys", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Broker, with --curve-key: folder of the .key files of replicas allowed to join.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True),
               help="Server: refuse training steps whose gradient norm is above this.  [default: no bound]")
 @click.option("--max-lr-scale", type=click.FloatRange(min=0, min_open=True),

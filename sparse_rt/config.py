@@ -112,7 +112,8 @@ class NodeConfig:
     curve_key: Path | None = None  # this node's NAME.key_secret: CURVE encryption and authentication
     allow_keys: Path | None = None  # server: folder of public keys that may train (and infer)
     allow_infer_keys: Path | None = None  # server: folder of public keys that may infer only
-    server_key: Path | None = None  # edge: the server's NAME.key
+    server_key: Path | None = None  # edge: the server's NAME.key (or the broker's); a replica: its broker's
+    allow_replica_keys: Path | None = None  # broker: folder of the public keys of the replicas that may join it
     max_grad_norm: float | None = None  # server: refuse a step whose gradient norm is above this (None: no bound)
     max_lr_scale: float = DEFAULT_MAX_LR_SCALE  # server: the largest learning-rate factor it applies for a peer
     max_sessions: int = MAX_SESSIONS  # server: open sessions at once
@@ -136,9 +137,6 @@ class NodeConfig:
             raise ConfigError("a broker needs the address its replicas join, e.g. --backend tcp://127.0.0.1:5556")
         if self.role != "broker" and not self.pipeline:
             raise ConfigError("a node needs --pipeline (on the command line or in --config)")
-        if (self.join or self.role == "broker") and self.curve_key is not None:
-            raise ConfigError("CURVE through a broker is not supported yet: the replicas would not see the edges' "
-                              "keys; run brokered replicas on a private network (docs/SCALING.md)")
         if self.role == "edge" and not self.connect:
             raise ConfigError("an edge needs the server's address, e.g. --connect tcp://127.0.0.1:5555")
         if self.models is not None and (self.mode != "infer" and self.role == "edge" or self.resume):
@@ -170,9 +168,19 @@ class NodeConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         allowing = self.allow_keys is not None or self.allow_infer_keys is not None
-        if self.role == "server" and (self.curve_key is None) != (not allowing):
-            raise ConfigError("CURVE on a server needs both --curve-key (its .key_secret) and --allow-keys "
-                              "and/or --allow-infer-keys (folders of the clients' .key files)")
+        if self.role in ("server", "broker") and (self.curve_key is None) != (not allowing):
+            raise ConfigError(f"CURVE on a {self.role} needs both --curve-key (its .key_secret) and --allow-keys "
+                              "and/or --allow-infer-keys (folders of the edges' .key files)")
+        if self.role == "broker" and (self.curve_key is None) != (self.allow_replica_keys is None):
+            raise ConfigError("CURVE on a broker needs --allow-replica-keys too (the folder of the replicas' .key "
+                              "files): the replicas are authenticated as the edges are")
+        if self.role != "broker" and self.allow_replica_keys is not None:
+            raise ConfigError("--allow-replica-keys is a broker's")
+        if self.role == "server" and self.join and (self.curve_key is None) != (self.server_key is None):
+            raise ConfigError("CURVE on a replica needs --server-key too (its broker's .key): the replica "
+                              "checks the broker, as an edge checks its server")
+        if self.role == "server" and not self.join and self.server_key is not None:
+            raise ConfigError("--server-key is an edge's, or a replica's (with --join): the broker's public key")
         if self.role == "edge" and (self.curve_key is None) != (self.server_key is None):
             raise ConfigError("CURVE on an edge needs both --curve-key (its .key_secret) and --server-key "
                               "(the server's .key)")
@@ -229,7 +237,7 @@ def load_node_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig
         settings["request_timeout"] = settings.pop("timeout")
     settings.update({key: value for key, value in overrides.items() if value is not None})
     for key in ("data", "checkpoint", "metrics", "models", "curve_key", "allow_keys", "allow_infer_keys",
-                "server_key"):
+                "server_key", "allow_replica_keys"):
         if settings.get(key) is not None:
             settings[key] = Path(settings[key])
     if "role" not in settings or "pipeline" not in settings and settings["role"] != "broker":

@@ -7,7 +7,8 @@ No cluster and no container runtime run in CI, so nothing here builds an image o
 What can be checked without them is: every manifest against the Kubernetes schemas (strict, so a
 misspelt field fails), every `sparse-rt` command line in them through the real CLI into a valid
 NodeConfig (and every `torchrun` one through torch's own parser), the selectors, ports and addresses
-that tie the objects together, and what the Dockerfile installs and runs.
+that tie the objects together, where each node's CURVE keys come from (Secrets the operator creates,
+never in the manifests), and what the Dockerfile installs and runs.
 """
 from __future__ import annotations
 
@@ -159,18 +160,30 @@ def _tcp(address: str) -> tuple[str, int]:
     return match[1], int(match[2])
 
 
+def _volume(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    (volume,) = [volume for volume in spec.get("volumes", []) if volume["name"] == name]
+    return volume
+
+
 def _node_config(container: dict[str, Any], tmp_path: Path) -> NodeConfig:
     """The container's `sparse-rt node` command line through the real CLI, without running the node.
 
-    The options that must name existing paths (--models) name the pod's mounts; each mount becomes a
-    folder under ``tmp_path``, and a path outside every mount fails here as it would in the pod.
+    The options that must name existing paths (--models, --curve-key, --allow-keys, ...) name the pod's
+    mounts; each mount becomes a folder under ``tmp_path``, and a path outside every mount fails here as
+    it would in the pod. A secret volume's ``items`` become (empty) files at their paths, as the kubelet
+    writes them; one without items is the folder of all its Secret's keys, here an empty one.
     """
     argv = _invocation(container)
     assert argv and argv[0] == "node", f"{container['name']}: expected `sparse-rt node ...`, got {argv}"
     assert cli.get_command(None, "node") is node
+    spec = _pod(_workload_of(container))[1]
     mounts = {mount["mountPath"].rstrip("/"): tmp_path / mount["name"] for mount in container.get("volumeMounts", [])}
-    for folder in mounts.values():
+    for mount in container.get("volumeMounts", []):
+        folder = tmp_path / mount["name"]
         folder.mkdir(parents=True, exist_ok=True)
+        for item in _volume(spec, mount["name"]).get("secret", {}).get("items", []):
+            (folder / item["path"]).parent.mkdir(parents=True, exist_ok=True)
+            (folder / item["path"]).touch()
 
     def local(arg: str) -> str:
         for mount_path, folder in mounts.items():
@@ -183,7 +196,7 @@ def _node_config(container: dict[str, Any], tmp_path: Path) -> NodeConfig:
     assert params.pop("config_file") is None, "the manifests give every setting on the command line"
     config = load_node_config(None, params)
     for field in ("data", "checkpoint", "metrics", "models", "curve_key", "allow_keys", "allow_infer_keys",
-                  "server_key"):
+                  "server_key", "allow_replica_keys"):
         path = getattr(config, field)
         assert path is None or any(Path(path).is_relative_to(folder) for folder in mounts.values()), \
             f"{container['name']}: --{field.replace('_', '-')} is on no volume the pod mounts"
@@ -295,7 +308,8 @@ def test_the_replicas_join_the_broker_service_with_one_thread_and_one_core(tmp_p
     (backend,) = [port for port in service["spec"]["ports"] if port["name"] == "replicas"]
     assert _tcp(config.join) == (service["metadata"]["name"], backend["port"])
     assert config.role == "server" and config.bind is None and config.threads == 1
-    assert config.curve_key is None  # refused through a broker
+    assert config.curve_key and config.server_key, "CURVE to the broker (where from: the key tests below)"
+    assert config.allow_infer_keys and config.allow_keys is None, "this group's edges only infer"
     resources = container["resources"]
     assert _cpu(resources["requests"]["cpu"]) == _cpu(resources["limits"]["cpu"]) == 1
     assert "ports" not in container, "a replica connects out to the broker and listens on nothing"
@@ -310,7 +324,8 @@ def test_the_trainers_join_the_train_broker_service_with_one_thread_and_one_core
     assert _tcp(config.join) == (service["metadata"]["name"], backend["port"])
     assert config.role == "server" and config.bind is None and config.threads == 1
     assert config.models is None, "a server with a model set serves inference and joins no group"
-    assert config.curve_key is None  # refused through a broker
+    assert config.curve_key and config.server_key, "CURVE to the broker (where from: the key tests below)"
+    assert config.allow_keys, "this group's edges train"
     assert config.checkpoint is not None and config.checkpoint_every > 0, "rank 0 keeps the group's checkpoint"
     assert int(_torchrun(container).nproc_per_node) == 1, "one replica per pod, on its one core"
     resources = container["resources"]
@@ -399,6 +414,140 @@ def test_the_edges_connect_to_their_broker_service_four_at_once_in_their_mode(tm
     (volume,) = [volume for volume in spec["volumes"] if volume["name"] == mount["name"]]
     claim = volume["persistentVolumeClaim"]
     assert claim["claimName"] == "sparse-rt-data" and claim["readOnly"]
+
+
+# CURVE keys: files on read-only secret volumes, from Secrets the operator creates (nodes/k8s/README.md, "Keys").
+KEY_FILES = ("curve_key", "server_key")  # --curve-key (this node's .key_secret), --server-key (its broker's .key)
+KEY_FOLDERS = ("allow_keys", "allow_infer_keys", "allow_replica_keys")  # the allow-lists: folders of .key files
+EDGE_LISTS = ("allow_keys", "allow_infer_keys")
+GROUPS = {"broker": ("replica", "edge"), "train-broker": ("trainer", "train-edge")}  # broker: its replicas, its edges
+# The naming convention: a broker's key Secret PREFIX-broker-key holds NAME.key_secret; its public half,
+# NAME.key, is in PREFIX-public-keys, which its replicas and edges mount (never the broker's own Secret).
+BROKER_KEY, PUBLIC_KEYS = "-broker-key", "-public-keys"
+SECRET_MODES = (0o400, 0o440)  # with the pod's fsGroup: the image's user reads the files, no other user does
+
+
+def _nodes() -> list[tuple[dict[str, Any], dict[str, str], dict[str, Any], dict[str, Any]]]:
+    """Every container that runs `sparse-rt`: (workload, pod labels, pod spec, container)."""
+    return [(doc, labels, spec, container) for doc, labels, spec in _pods() for container in spec["containers"]
+            if _invocation(container) is not None]
+
+
+def _keys(container: dict[str, Any], tmp_path: Path) -> tuple[NodeConfig, dict[str, tuple[str, str | None]]]:
+    """The node's config and where each of its key options comes from.
+
+    (Secret, key) for a file (--curve-key, --server-key): the secret volume's item at that path;
+    (Secret, None) for an allow-list folder, which must be a whole secret volume's mount: every key of
+    the Secret a file in it, those added later too, and nothing else. Every one of them must be on a
+    read-only mount of a secret volume, without subPath (the kubelet never updates a subPath mount).
+    """
+    config = _node_config(container, tmp_path)
+    spec = _pod(_workload_of(container))[1]
+    sources: dict[str, tuple[str, str | None]] = {}
+    for field in (*KEY_FILES, *KEY_FOLDERS):
+        path = getattr(config, field)
+        if path is None:
+            continue
+        option = f"{container['name']}: --{field.replace('_', '-')}"
+        (mount,) = [mount for mount in container["volumeMounts"] if path.is_relative_to(tmp_path / mount["name"])]
+        volume = _volume(spec, mount["name"])
+        assert set(volume) == {"name", "secret"}, f"{option} is not on a secret volume"
+        assert mount.get("readOnly") is True, f"{option}: its mount is not read-only"
+        assert not {"subPath", "subPathExpr"} & set(mount), f"{option}: a subPath mount is never updated"
+        secret = volume["secret"]
+        assert not secret.get("optional"), f"{option}: a pod without its keys must not start"
+        where = path.relative_to(tmp_path / mount["name"])
+        if field in KEY_FOLDERS:
+            assert where == Path("."), f"{option}: the allow-list is the mount itself, its Secret's keys only"
+            assert "items" not in secret, f"{option}: items would pin the keys; one added to the Secret must appear"
+            sources[field] = (secret["secretName"], None)
+        else:
+            (item,) = [item for item in secret.get("items", []) if Path(item["path"]) == where]
+            sources[field] = (secret["secretName"], item["key"])
+    return config, sources
+
+
+def test_no_secret_is_in_the_manifests_they_only_name_them():
+    assert not _of_kind("Secret"), "the operator creates the Secrets from `sparse-rt keys generate`'s files"
+    assert [volume for _, _, spec in _pods() for volume in spec.get("volumes", []) if "secret" in volume]
+
+
+def test_every_node_runs_with_curve_keys_from_read_only_secret_mounts(tmp_path):
+    nodes = _nodes()
+    assert len(nodes) == 6
+    for doc, _, spec, container in nodes:
+        name = doc["metadata"]["name"]
+        config, sources = _keys(container, tmp_path / name / container["name"])
+        assert config.curve_key is not None, f"{name}: runs without CURVE"
+        assert sources["curve_key"][1].endswith(".key_secret"), f"{name}: --curve-key is not a .key_secret"
+        if config.role != "broker":
+            assert sources["server_key"][1].endswith(".key"), f"{name}: --server-key is not a public .key"
+        context = spec["securityContext"]
+        assert context.get("fsGroup") == context["runAsGroup"], f"{name}: the key files' group is the image user's"
+        for volume in spec["volumes"]:
+            if "secret" in volume:
+                secret = volume["secret"]
+                assert secret.get("defaultMode") in SECRET_MODES, f"{name}: {volume['name']} readable by others"
+                assert all(item.get("mode", secret["defaultMode"]) in SECRET_MODES for item in secret.get("items", []))
+
+
+def test_each_nodes_own_key_is_mounted_by_its_own_component_only(tmp_path):
+    # a pod that mounted another component's key Secret could pose as it: a replica as its broker, an edge as a replica
+    owners: dict[str, set[str]] = {}
+    public: set[str] = set()
+    for doc, labels, _, container in _nodes():
+        _, sources = _keys(container, tmp_path / doc["metadata"]["name"])
+        owners.setdefault(sources["curve_key"][0], set()).add(labels[COMPONENT])
+        public |= {secret for field, (secret, _) in sources.items() if field != "curve_key"}
+    assert len(owners) == len({component for components in owners.values() for component in components}) == 6
+    for secret, components in owners.items():
+        mounted_by = {labels[COMPONENT] for _, labels, spec in _pods() for volume in spec.get("volumes", [])
+                      if volume.get("secret", {}).get("secretName") == secret}
+        assert mounted_by == components, f"{secret}: a secret key mounted by {sorted(mounted_by)}"
+    assert not public & set(owners), "a Secret with a secret key is never a public key's or an allow-list's"
+
+
+@pytest.mark.parametrize("broker_component", GROUPS)
+def test_the_edges_and_replicas_check_their_own_brokers_public_key(tmp_path, broker_component):
+    broker, broker_labels, spec = _of_component(broker_component)
+    (container,) = spec["containers"]
+    _, broker_keys = _keys(container, tmp_path / broker_component)
+    secret, key = broker_keys["curve_key"]
+    assert secret.endswith(BROKER_KEY) and key.endswith(".key_secret"), f"{secret}: not PREFIX{BROKER_KEY}"
+    public = (secret.removesuffix(BROKER_KEY) + PUBLIC_KEYS, key.removesuffix(".key_secret") + ".key")
+    for component in GROUPS[broker_component]:
+        _, _, spec = _of_component(component)
+        (node_container,) = spec["containers"]
+        config, sources = _keys(node_container, tmp_path / component)
+        host, _ = _tcp(config.join or config.connect)
+        assert _selects(_named("Service", host)["spec"]["selector"], broker_labels), f"{component}: another broker"
+        assert sources["server_key"] == public, f"{component}: --server-key is not {public[1]} of Secret {public[0]}"
+
+
+@pytest.mark.parametrize("broker_component", GROUPS)
+def test_the_broker_lets_edges_and_replicas_in_from_separate_secrets_and_its_replicas_share_its_edge_lists(
+        tmp_path, broker_component):
+    _, _, spec = _of_component(broker_component)
+    (container,) = spec["containers"]
+    _, broker_keys = _keys(container, tmp_path / broker_component)
+    edge_lists = {field: broker_keys[field] for field in EDGE_LISTS if field in broker_keys}
+    assert edge_lists and "allow_replica_keys" in broker_keys
+    assert broker_keys["allow_replica_keys"][0] not in {secret for secret, _ in edge_lists.values()}, \
+        "the replicas' allow-list from the edges' Secret: an edge's key could join as a replica"
+    replica_component, _ = GROUPS[broker_component]
+    _, _, spec = _of_component(replica_component)
+    (replica,) = spec["containers"]
+    _, replica_keys = _keys(replica, tmp_path / replica_component)
+    assert {field: replica_keys[field] for field in EDGE_LISTS if field in replica_keys} == edge_lists, \
+        "a replica checks each edge's role against the same allow-lists as its broker"
+
+
+def test_the_two_groups_share_no_secret():
+    # else an inference edge's key could train the training tail, or an inference replica join the training broker
+    mounted = [{volume["secret"]["secretName"] for component in (broker, *members)
+                for volume in _of_component(component)[2].get("volumes", []) if "secret" in volume}
+               for broker, members in GROUPS.items()]
+    assert all(mounted) and not set.intersection(*mounted)
 
 
 def _ingress_rules(labels: dict[str, str]) -> list[dict[str, Any]]:

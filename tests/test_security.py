@@ -29,12 +29,13 @@ from sparse_rt.transport.connection import bind_router, connect_dealer, is_local
 from sparse_rt.transport.curve import curve_client, curve_server, generate_keys, load_key_pair, load_public_key
 from sparse_rt.wire.messages import Activations, ErrorReply, Gradients, Hello, Welcome, decode_message, encode_message
 
-KEYS = ("server", "alice", "bob", "viewer", "mallory")
+KEYS = ("server", "alice", "bob", "viewer", "mallory", "broker", "replica", "eve")
 
 
 @pytest.fixture
 def keys(tmp_path) -> Path:
-    """Key pairs for a server and four clients; alice and bob may train, viewer may infer, mallory is unknown."""
+    """Key pairs for a server and four clients; alice and bob may train, viewer may infer, mallory is unknown.
+    A broker's: the broker, the replica it lets join, and eve, a replica it does not know."""
     folder = tmp_path / "keys"
     for name in KEYS:
         generate_keys(folder, name)
@@ -99,6 +100,37 @@ def test_only_allowed_keys_get_in_and_each_refusal_is_a_clear_error(start, keys)
     assert summary["steps_applied"] == trained["steps"]
     assert summary["keys_refused"] >= 1
     assert "refused a CURVE handshake from key" in "".join(server.log)
+
+
+def test_through_a_broker_edges_and_replicas_are_authenticated_and_roles_follow_the_edges_keys(start, keys):
+    """The edge's key reaches the replica in the broker's envelope: its role and its sessions follow it."""
+    (keys.parent / "replicas").mkdir()
+    shutil.copy(keys / "replica.key", keys.parent / "replicas")
+    allow = {"allow_keys": keys.parent / "train", "allow_infer_keys": keys.parent / "infer"}
+    broker = start("broker", bind="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", json=True,
+                   curve_key=keys / "broker.key_secret", allow_replica_keys=keys.parent / "replicas", **allow)
+    broker.wait_ready()
+    replica = start("server", join=broker.backend, curve_key=keys / "replica.key_secret",
+                    server_key=keys / "broker.key", json=True, **allow)
+    rogue = start("server", join=broker.backend, curve_key=keys / "eve.key_secret", server_key=keys / "broker.key",
+                  **allow)
+    broker.wait_for("joined", count=1)
+    alice = _edge(start, keys, broker.address, "alice", server_key="broker", json=True)
+    stranger = _edge(start, keys, broker.address, "mallory", server_key="broker")
+    viewer_training = _edge(start, keys, broker.address, "viewer", server_key="broker")
+    code, _ = stranger.finish(timeout=100)
+    assert code == 2 and "refused this key" in "".join(stranger.log)
+    code, _ = viewer_training.finish(timeout=120)
+    assert code == 2 and "this key is allowed inference only" in "".join(viewer_training.log)  # the replica's check
+    trained = alice.result(timeout=300)
+    assert trained["test_accuracy"] > 0.5 and trained["steps"] > 0
+    broker.stop()
+    summary = broker.result(timeout=60)
+    assert summary["joined"] == 1  # eve never got in
+    assert "refused a CURVE handshake from key" in "".join(broker.log)
+    replica.stop()
+    assert replica.result(timeout=60)["steps_applied"] == trained["steps"]
+    rogue.stop()
 
 
 # -- sessions belong to keys ------------------------------------------------------------------------------

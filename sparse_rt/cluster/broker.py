@@ -15,12 +15,17 @@ requests, and does not resend what a dead pod had; it fits in front of
 several brokers (nodes/k8s).
 
 The broker reads no more of a message than its header's ``id``: decoding,
-checks and sessions stay the replicas' job.
+checks and sessions stay the replicas' job. With CURVE on both sides, an
+edge authenticates to the broker and the broker to the replicas (each
+knows the other's key); the broker states the edge's key in every
+request's envelope, and the replica binds sessions to it and checks its
+role, as a server bound alone does with ZeroMQ's User-Id.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from sparse_rt.cluster.replicas import HEARTBEAT_SECONDS, ReplicaTable
@@ -34,9 +39,12 @@ HEARTBEAT = b"\x01"  # a replica's heartbeat: one frame of one byte (a protocol 
 class Broker:
     """Moves requests from ``frontend`` (edges) to ``backend`` (replicas) and replies back."""
 
-    def __init__(self, frontend: Transport, backend: Transport, table: ReplicaTable | None = None) -> None:
+    def __init__(self, frontend: Transport, backend: Transport, table: ReplicaTable | None = None,
+                 curve: bool = False) -> None:
         self.frontend, self.backend = frontend, backend
         self.table = table or ReplicaTable()
+        self.curve = curve  # the frontend authenticates edges: their keys go to the replicas
+        self._keys: OrderedDict[bytes, bytes] = OrderedDict()  # edge -> its key, for resent requests too
 
     async def serve(self) -> None:
         """Until cancelled."""
@@ -45,13 +53,18 @@ class Broker:
     async def _send(self, edge: bytes, frames: list[Any]) -> None:
         replica = self.table.route(edge, frames)
         if replica is not None:
-            await self.backend.send([edge, *frames], replica)
+            await self.backend.send([edge, self._keys.get(edge, b""), *frames], replica)
 
     async def _from_edges(self) -> None:
         while True:
             edge, frames = await self.frontend.recv()
             assert edge is not None
             if frames:
+                if self.curve:
+                    self._keys[edge] = self.frontend.peer_key(edge, frames).encode("ascii")
+                    self._keys.move_to_end(edge)
+                    while len(self._keys) > self.table.max_edges:
+                        self._keys.popitem(last=False)
                 await self._send(edge, frames)
 
     async def _from_replicas(self) -> None:

@@ -36,9 +36,9 @@ from sparse_rt.stages.optimizer import build_optimizer
 from sparse_rt.server.trust import AllowList, start_authenticator
 from sparse_rt.cluster.broker import Broker, send_heartbeats
 from sparse_rt.cluster.group import GroupPlace, ReplicaGroup
-from sparse_rt.transport.connection import bind_router, is_local, join_broker
+from sparse_rt.transport.connection import bind_router, is_local, join_broker, sockopt
 from sparse_rt.transport.link import ServerUnreachable
-from sparse_rt.transport.curve import curve_server, load_key_pair
+from sparse_rt.transport.curve import curve_client, curve_server, load_key_pair, load_public_key
 from sparse_rt.wire.header import MAX_HEADER_BYTES
 
 log = logging.getLogger("sparse_rt.node")
@@ -115,16 +115,18 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     allow, authenticator, options = None, None, []
     if config.curve_key is not None:
         keys = load_key_pair(config.curve_key)
-        allow = AllowList(config.allow_keys, config.allow_infer_keys)
-        authenticator = start_authenticator(context, allow)
-        options.append(curve_server(keys))
+        allow = AllowList(config.allow_keys, config.allow_infer_keys)  # a replica's too: it checks each key's role
+        if config.join is None:  # a replica's edges authenticate to its broker; the broker, to it
+            authenticator = start_authenticator(context, allow)
+            options.append(curve_server(keys))
     elif config.bind is not None and not is_local(config.bind):
         log.warning("serving %s without CURVE: anyone who reaches it can train the shared tail and read its "
                     "traffic; see docs/SECURITY.md (--curve-key, --allow-keys)", config.bind)
     frame_limit = max(largest_frame([cut, *cuts.values()], config.max_batch), MAX_HEADER_BYTES)
     heartbeats: asyncio.Task[None] | None = None
     if config.join is not None:  # a replica: its requests come through the broker (cluster/broker.py)
-        connection = join_broker(context, config.join, frame_limit)
+        broker_key = [] if config.server_key is None else [curve_client(keys, load_public_key(config.server_key))]
+        connection = join_broker(context, config.join, frame_limit, options=broker_key)
         heartbeats = asyncio.create_task(send_heartbeats(connection), name="heartbeats")
         endpoint = config.join
     else:
@@ -252,13 +254,21 @@ async def run_broker_node(config: NodeConfig) -> dict[str, Any]:
     assert config.bind is not None and config.backend is not None
     started = time.perf_counter()
     context = zmq.asyncio.Context()
-    frontend = bind_router(context, config.bind)
-    backend = bind_router(context, config.backend)
-    addresses = [c.socket.getsockopt_string(zmq.LAST_ENDPOINT) for c in (frontend, backend)]
-    if not is_local(config.bind):
+    edges, replicas, authenticator = [], [], None
+    if config.curve_key is not None:  # edges and replicas authenticated, each side by its own allow-list
+        keys = load_key_pair(config.curve_key)
+        authenticator = start_authenticator(context, {
+            "edges": AllowList(config.allow_keys, config.allow_infer_keys),
+            "replicas": AllowList(config.allow_replica_keys)})
+        edges = [sockopt(zmq.ZAP_DOMAIN, b"edges"), curve_server(keys)]
+        replicas = [sockopt(zmq.ZAP_DOMAIN, b"replicas"), curve_server(keys)]
+    elif not is_local(config.bind):
         log.warning("brokering %s without CURVE: the replicas behind it are as open as a server without it; see "
-                    "docs/SCALING.md", config.bind)
-    broker = Broker(frontend, backend)
+                    "docs/SECURITY.md (--curve-key, --allow-keys, --allow-replica-keys)", config.bind)
+    frontend = bind_router(context, config.bind, options=edges)
+    backend = bind_router(context, config.backend, options=replicas)
+    addresses = [c.socket.getsockopt_string(zmq.LAST_ENDPOINT) for c in (frontend, backend)]
+    broker = Broker(frontend, backend, curve=config.curve_key is not None)
     stop = stop_on_signals()
     log.info("serving edges on %s: replicas join at %s", *addresses)
     serving = asyncio.create_task(broker.serve(), name="broker")
@@ -271,6 +281,8 @@ async def run_broker_node(config: NodeConfig) -> dict[str, Any]:
         outcome = (await asyncio.gather(serving, return_exceptions=True))[0]
         for connection in (frontend, backend):
             connection.close(linger_ms=REPLY_LINGER_MS)
+        if authenticator is not None:
+            authenticator.stop()
         context.term()
     if isinstance(outcome, Exception) and not isinstance(outcome, asyncio.CancelledError):
         raise outcome

@@ -238,10 +238,14 @@ class SplitServer:
 
     def _owner(self, route: bytes, frames: list[zmq.Frame]) -> bytes:
         """Who sent it: the authenticated key with CURVE (so a reconnecting edge keeps its sessions and no
-        other key can use them), else the sending socket's routing id."""
+        other key can use them; behind a broker, the key the broker states), else the sending socket's routing id."""
         if self.allow is None:
             return route
-        return frames[0].get("User-Id").encode("ascii")
+        key = self.connection.peer_key(route, frames)
+        if not key:  # cannot happen with CURVE at both ends: refuse rather than pool every keyless peer as one
+            raise WireError("this server requires CURVE: the message came with no authenticated key",
+                            "handshake_refused")
+        return key.encode("ascii")
 
     def _handshake(self, route: bytes, frames: list[zmq.Frame], header: dict[str, Any]) -> tuple[list[Any], bool]:
         """The reply to a hello, and whether it opened a new training session."""

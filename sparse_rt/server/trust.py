@@ -18,6 +18,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import zmq.asyncio
 import zmq.auth
@@ -80,9 +81,15 @@ class AllowList:
         self._roles, self._stamp = roles, stamp
 
 
-def start_authenticator(context: zmq.asyncio.Context, allow: AllowList) -> AsyncioAuthenticator:
-    """ZAP for every CURVE socket of ``context``, answered by ``allow``; stop() it before the context ends."""
+def start_authenticator(context: zmq.asyncio.Context, allow: AllowList | Mapping[str, AllowList]
+                        ) -> AsyncioAuthenticator:
+    """ZAP for the CURVE sockets of ``context``, answered by ``allow``; stop() it before the context ends.
+
+    A mapping gives each ZAP domain its own list (a broker's edges and its
+    replicas: sockets name theirs with ZAP_DOMAIN); one list answers all.
+    """
     authenticator = AsyncioAuthenticator(context, log=logging.getLogger("sparse_rt.server.zap"))
     authenticator.start()
-    authenticator.configure_curve_callback(domain="*", credentials_provider=allow)
+    for domain, keys in (allow.items() if isinstance(allow, Mapping) else [("*", allow)]):
+        authenticator.configure_curve_callback(domain=domain, credentials_provider=keys)
     return authenticator

@@ -20,6 +20,7 @@ the socket.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -102,6 +103,10 @@ class Connection:
         """Close now; ``linger_ms`` gives messages already sent that long to leave (0: they are dropped)."""
         self.socket.close(linger=linger_ms)
 
+    def peer_key(self, route: bytes | None, frames: list[zmq.Frame]) -> str:
+        """The CURVE public key (z85) the message's sender authenticated with: ZeroMQ's User-Id."""
+        return frames[0].get("User-Id")
+
 
 class Layer:
     """Wraps a connection (or another layer); passes through whatever it does not override."""
@@ -159,6 +164,8 @@ class Shaped(Layer):
 # What sessions are given: a socket, with or without layers around it.
 Transport = Connection | Layer
 
+MAX_PEERS = 100_000  # the edges a replica remembers the keys of (as many as a broker remembers edges)
+
 
 def is_local(address: str) -> bool:
     """Whether only this machine can reach ``address``: ipc://, inproc://, or tcp on a loopback interface."""
@@ -205,14 +212,22 @@ def bind_router(context: zmq.asyncio.Context, address: str, max_message_bytes: i
 
 
 class Enveloped(Layer):
-    """A replica's socket to a broker: a DEALER whose messages start with the edge's routing id.
+    """A replica's socket to a broker: a DEALER whose messages start with the edge's routing id and key.
 
     The server reads and answers them as it does a ROUTER's, so one server
     runs bound (alone) or joined to a broker (a replica) unchanged. A send
     without a route (the replica's heartbeat) goes to the broker itself.
+    With CURVE the edge authenticated to the broker, not to the replica:
+    the broker, itself authenticated to the replica, states the edge's key
+    in the envelope, and :meth:`peer_key` answers with it as a ROUTER's
+    User-Id would.
     """
 
     routed = True
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self._keys: OrderedDict[bytes, str] = OrderedDict()  # edge -> its key, the least recently heard first
 
     async def send(self, frames: Sequence[Any], route: bytes | None = None) -> None:
         await self.inner.send(list(frames) if route is None else [route, *frames])
@@ -220,8 +235,16 @@ class Enveloped(Layer):
     async def recv(self) -> tuple[bytes | None, list[zmq.Frame]]:
         while True:
             _, frames = await self.inner.recv()
-            if len(frames) >= 2:  # the edge's id and its message; the broker sends nothing else
-                return frames.pop(0).bytes, frames
+            if len(frames) >= 3:  # the edge's id, its key ('' without CURVE), its message; nothing else comes
+                route, key = frames[0].bytes, frames[1].bytes.decode("ascii", "replace")
+                self._keys[route] = key
+                self._keys.move_to_end(route)
+                while len(self._keys) > MAX_PEERS:
+                    self._keys.popitem(last=False)
+                return route, frames[2:]
+
+    def peer_key(self, route: bytes | None, frames: list[zmq.Frame]) -> str:
+        return self._keys.get(route, "") if route is not None else ""
 
 
 def join_broker(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None,
