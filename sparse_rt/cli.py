@@ -416,7 +416,7 @@ def _edges_table(combined: dict) -> str:
               help="Server under torchrun: combine the replicas' changes each round by their sum (as one server "
                    "applying every step) or their mean (FedAvg).  [default: sum]")
 @click.option("--round-seconds", type=click.FloatRange(min=0, min_open=True),
-              help="Server under torchrun: seconds between the replicas' rounds.  [default: 0.5]")
+              help="Server under torchrun: seconds between the replicas' rounds.  [default: 0.1]")
 def node(config_file: Path | None, **options) -> None:
     """Run one node: a server that trains and serves the tail, or an edge that
     runs the head. Stop either with Ctrl-C or SIGTERM: it finishes its step,

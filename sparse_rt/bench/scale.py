@@ -124,18 +124,20 @@ def run_scale(pipeline: str, edges: int, batch: int, seconds: float, warmup: int
         single = _repeated([run_training("steady", 1, plan.edges, plan.pipeline, plan.epochs, seed + k, threads)
                             for k in range(plan.repeats)])
         group = _repeated([run_training("steady", 2, plan.edges, plan.pipeline, plan.epochs, seed + k, threads,
-                                        plan.merge) for k in range(plan.repeats)])
-        kill = run_training("kill", 2, plan.edges, plan.pipeline, plan.epochs, seed, threads, plan.merge)
+                                        plan.merge, plan.round_seconds) for k in range(plan.repeats)])
+        kill = run_training("kill", 2, plan.edges, plan.pipeline, plan.epochs, seed, threads, plan.merge,
+                            plan.round_seconds)
         for row in (group, kill):
             row["speedup"] = row["samples_per_s"] / single["samples_per_s"]
         trained.rows = [single, group, kill]
         trained.settings = {"pipeline": plan.pipeline, "edges": plan.edges, "epochs": plan.epochs, "merge": plan.merge,
                             "repeats": plan.repeats,
-                            "round_seconds": ROUND_SECONDS, "seed": seed, "replica_torch_threads": threads}
+                            "round_seconds": plan.round_seconds, "seed": seed, "replica_torch_threads": threads}
         trained.notes = [
             f"training: {plan.edges} edge processes, each on its {plan.edges}th of the training data, train their "
             f"heads for {plan.epochs} epochs with one tail: one server process, or a torchrun group of 2 combining "
-            f"by {plan.merge} every {ROUND_SECONDS:g} s; accuracy: the edges' mean test accuracy (target: 2 replicas "
+            f"by {plan.merge} every {plan.round_seconds:g} s; accuracy: the edges' mean test accuracy (target: 2 "
+            "replicas "
             "within 1 point of 1); max_param_diff: the group's own check after the edges finished (target: <= 1e-6)",
             "kill: a replica is SIGKILLed after the group's checkpoint holds every session; torchrun restarts the "
             "group from it; recovery_s: from the kill until both replicas serve again",
@@ -166,6 +168,7 @@ class TrainingPlan:
     epochs: int = 6
     merge: str = "sum"
     repeats: int = 1  # seeds per steady row
+    round_seconds: float = ROUND_SECONDS  # between the group's rounds
 
 
 def plot(report: BenchReport, path: Path) -> None:
@@ -208,9 +211,11 @@ def plot(report: BenchReport, path: Path) -> None:
               help="How the training group combines its replicas' steps.")
 @click.option("--repeats", type=click.IntRange(min=1), default=TrainingPlan.repeats, show_default=True,
               help="Seeds per steady training row (its accuracy is their mean).")
+@click.option("--round-seconds", type=click.FloatRange(min=0, min_open=True), default=TrainingPlan.round_seconds,
+              show_default=True, help="Seconds between the training group's rounds.")
 def command(as_json: bool, out: Path | None, pipeline: str, edges: int, batch: int, seconds: float, warmup: int,
             threads: int, seed: int, inference: bool, training: bool, training_pipeline: str, training_edges: int,
-            epochs: int, merge: str, repeats: int) -> None:
+            epochs: int, merge: str, repeats: int, round_seconds: float) -> None:
     """Replicas of the tail: inference behind a broker (1 against 2 under N edges, one killed mid-run), and
     training by a torchrun group (1 server process against 2 replicas, one killed mid-run).
 
@@ -218,7 +223,8 @@ def command(as_json: bool, out: Path | None, pipeline: str, edges: int, batch: i
     Example:
       sparse-rt bench scale --out docs/bench         # vgg11_cifar10 inference, cifar_cnn training
     """
-    plan = TrainingPlan(training_pipeline, training_edges, epochs, merge, repeats) if training else None
+    plan = (TrainingPlan(training_pipeline, training_edges, epochs, merge, repeats, round_seconds) if training
+            else None)
     report, trained = run_scale(pipeline, edges, batch, seconds, warmup, seed, threads, plan, inference)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

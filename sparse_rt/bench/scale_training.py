@@ -36,7 +36,7 @@ CHECKPOINT_EVERY = 20  # the group's steps between checkpoints in the kill row
 
 
 def run_training(scenario: str, replicas: int, edges: int, pipeline: str, epochs: int, seed: int, threads: int,
-                 merge: str = "sum") -> dict[str, Any]:
+                 merge: str = "sum", round_seconds: float | None = None) -> dict[str, Any]:
     """One row: ``edges`` edges train one tail on ``replicas`` server processes; "kill" kills one replica."""
     with tempfile.TemporaryDirectory(prefix="sparse-rt-scale-") as folder:
         work = Path(folder)
@@ -46,7 +46,7 @@ def run_training(scenario: str, replicas: int, edges: int, pipeline: str, epochs
         options = {"pipeline": pipeline, "join": broker.backend, "seed": seed, "threads": threads, "json": True,
                    "checkpoint": checkpoint, "checkpoint_every": CHECKPOINT_EVERY if checkpoint else None}
         if replicas > 1:
-            options["merge"] = merge
+            options.update(merge=merge, round_seconds=round_seconds)
         torchrun = (["--standalone", "--nproc-per-node", str(replicas), "--max-restarts", "2"]
                     if replicas > 1 else None)
         tail = NodeProcess("server", options, torchrun=torchrun)

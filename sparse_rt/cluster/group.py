@@ -43,7 +43,7 @@ from torch import nn
 
 log = logging.getLogger("sparse_rt.group")
 
-ROUND_SECONDS = 0.5  # how often the replicas combine their steps
+ROUND_SECONDS = 0.1  # how often the replicas combine their steps (docs/SCALING.md: staleness against cost)
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)  # a peer silent this long inside a collective fails the round
 MERGES = ("sum", "mean")
 

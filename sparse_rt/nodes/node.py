@@ -13,6 +13,7 @@ import math
 import signal
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -95,14 +96,13 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
         meta = read_checkpoint(config.checkpoint).restore(model, optimizer)
         steps_before, sessions = int(meta.get("steps", 0)), list(meta.get("sessions", []))
         log.info("resumed the tail from %s after %d steps", config.checkpoint, steps_before)
+    if config.checkpoint is not None:
+        check_writable(config.checkpoint)
     if group is not None:
         group.start()  # every replica from rank 0's state, before any edge is served
         group.saving = config.checkpoint is not None
 
-    if config.checkpoint is not None:
-        check_writable(config.checkpoint)
-
-    def write_checkpoint(path):
+    def write_checkpoint(path: Path) -> None:
         """The tail, its optimizer and the sessions: a group's are every replica's, gathered by its last round."""
         steps, table = ((group.steps, group.sessions) if group is not None
                         else (server.stats.steps_applied, server.table.snapshot()))
