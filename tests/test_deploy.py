@@ -118,6 +118,8 @@ def _check_torchrun(launch: argparse.Namespace, container: dict[str, Any]) -> No
     assert launch.max_restarts >= 1, f"{name}: torchrun must restart the group when a replica dies"
     assert not launch.standalone and launch.rdzv_backend == "c10d", f"{name}: a rendezvous across pods"
     assert launch.rdzv_id != "none", f"{name}: the group's own --rdzv-id"
+    env = {item["name"]: item.get("value") for item in container.get("env", [])}
+    assert env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1", f"{name}: a fresh store per rendezvous round"
     job = _workload_of(container)
     assert job["kind"] == "Job" and job["spec"].get("completionMode") == "Indexed", \
         f"{name}: pod hostnames JOB-INDEX come with an Indexed Job"

@@ -197,3 +197,30 @@ def test_replicas_back_from_an_outage_together_share_its_edges():
     assert {len(table.replicas[r].edges) for r in (b"A", b"B")} == {2}
     table.heard(b"C")  # a replica joining live ones serves at once
     assert table.route(b"new", _request(1)) == b"C"
+
+
+async def test_a_replica_reads_each_requests_key_from_its_own_envelope():
+    """Two requests under one routing id (an edge's connection taken over) keep the keys the broker stated for
+    each: the server's owner of a message is never whoever used the routing id last."""
+    import zmq
+    import zmq.asyncio
+
+    from sparse_rt.transport.connection import bind_router, join_broker
+
+    context = zmq.asyncio.Context()
+    broker = bind_router(context, "tcp://127.0.0.1:*")
+    replica = join_broker(context, broker.socket.getsockopt_string(zmq.LAST_ENDPOINT))
+    try:
+        await replica.send([b"\x01"])  # a heartbeat: the broker learns the replica's id
+        replica_id, _ = await asyncio.wait_for(broker.recv(), 10)
+        for key in (b"key-of-victim", b"key-of-attacker"):
+            await broker.send([b"edge-1", key, encode_header({"kind": "infer", "id": 1})], replica_id)
+        routes = [(await asyncio.wait_for(replica.recv(), 10))[0] for _ in range(2)]
+        assert [replica.peer_key(route, []) for route in routes] == ["key-of-victim", "key-of-attacker"]
+        await replica.send([b"reply"], routes[1])
+        _, frames = await asyncio.wait_for(broker.recv(), 10)
+        assert [frame.bytes for frame in frames] == [b"edge-1", b"reply"]  # back to the edge's own id
+    finally:
+        replica.close()
+        broker.close()
+        context.term()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from typing import Any
 
 from sparse_rt.cluster.replicas import HEARTBEAT_SECONDS, ReplicaTable
@@ -36,6 +35,12 @@ log = logging.getLogger("sparse_rt.broker")
 HEARTBEAT = b"\x01"  # a replica's heartbeat: one frame of one byte (a protocol message has a header frame and more)
 
 
+class Keyed(list):
+    """A request's frames, with the key its edge authenticated with at the broker (b"" without CURVE)."""
+
+    __slots__ = ("key",)
+
+
 class Broker:
     """Moves requests from ``frontend`` (edges) to ``backend`` (replicas) and replies back."""
 
@@ -44,7 +49,6 @@ class Broker:
         self.frontend, self.backend = frontend, backend
         self.table = table or ReplicaTable()
         self.curve = curve  # the frontend authenticates edges: their keys go to the replicas
-        self._keys: OrderedDict[bytes, bytes] = OrderedDict()  # edge -> its key, for resent requests too
 
     async def serve(self) -> None:
         """Until cancelled."""
@@ -53,19 +57,18 @@ class Broker:
     async def _send(self, edge: bytes, frames: list[Any]) -> None:
         replica = self.table.route(edge, frames)
         if replica is not None:
-            await self.backend.send([edge, self._keys.get(edge, b""), *frames], replica)
+            await self.backend.send([edge, getattr(frames, "key", b""), *frames], replica)
 
     async def _from_edges(self) -> None:
         while True:
             edge, frames = await self.frontend.recv()
             assert edge is not None
             if frames:
-                if self.curve:
-                    self._keys[edge] = self.frontend.peer_key(edge, frames).encode("ascii")
-                    self._keys.move_to_end(edge)
-                    while len(self._keys) > self.table.max_edges:
-                        self._keys.popitem(last=False)
-                await self._send(edge, frames)
+                # The key travels with this request, held or resent too: never looked up by the edge's routing
+                # id, which another connection may take over (ROUTER_HANDOVER) while the request waits.
+                request = Keyed(frames)
+                request.key = self.frontend.peer_key(edge, frames).encode("ascii") if self.curve else b""
+                await self._send(edge, request)
 
     async def _from_replicas(self) -> None:
         while True:

@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sparse_rt.errors import ConfigError
+
 log = logging.getLogger("sparse_rt.group")
 
 ROUND_SECONDS = 0.1  # how often the replicas combine their steps (docs/SCALING.md: staleness against cost)
@@ -107,12 +109,20 @@ class ReplicaGroup:
 
     def start(self) -> None:
         """Join the group (gloo for a tail on CPU) and take rank 0's state, so every replica starts from the same."""
-        backend = "nccl" if next(self.model.parameters()).is_cuda else "gloo"
-        # torchrun's store outlives a restart: the keys of each attempt get their own prefix, or a replica that
-        # comes back first could read the address of a peer from the attempt before and fail to connect.
+        # The group's own small tensors (counts, sessions) are on the CPU: gloo for them, NCCL for a tail on CUDA.
+        backend = "cpu:gloo,cuda:nccl" if next(self.model.parameters()).is_cuda else "gloo"
         store, rank, world_size = next(dist.rendezvous("env://", timeout=COLLECTIVE_TIMEOUT))
-        store = dist.PrefixStore(f"sparse-rt/attempt-{self.place.restarts}", store)
+        if self.place.local_world_size == self.place.world_size:
+            # One torchrun for the whole group: its store outlives a restart, and a replica that comes back first
+            # could read the address of a peer from the attempt before. All ranks share its restart count.
+            store = dist.PrefixStore(f"sparse-rt/attempt-{self.place.restarts}", store)
+        elif os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
+            # Across machines each torchrun counts its own restarts, so no prefix all ranks share is at hand;
+            # torchrun's own setting gives every rendezvous round a fresh store (nodes/k8s/training/ sets it).
+            log.warning("set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun: without it a group restarted "
+                        "across machines can read its peers' addresses from the attempt before")
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+        self._agree()
         for tensors in self._by_dtype().values():
             flat = torch.cat([t.reshape(-1) for t in tensors])
             dist.broadcast(flat, src=0)
@@ -120,6 +130,16 @@ class ReplicaGroup:
         self._synced = {dtype: self._flat(tensors) for dtype, tensors in self._by_dtype().items()}
         log.info("replica %d of %d in step with rank 0 (restart %d), combining by %s every %g s",
                  self.place.rank, self.place.world_size, self.place.restarts, self.merge, ROUND_SECONDS)
+
+    def _agree(self) -> None:
+        """Every replica must make the same collective calls: refuse to start with settings that differ."""
+        mine = torch.tensor([int(self.saving), MERGES.index(self.merge)], dtype=torch.int64)
+        high, low = mine.clone(), mine.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        if not torch.equal(high, low):
+            raise ConfigError("the group's replicas were started with different settings (--checkpoint given to "
+                              "some and not others, or another --merge): start every replica alike")
 
     def stop(self) -> None:
         if dist.is_initialized():
@@ -230,10 +250,14 @@ class ReplicaGroup:
         padded[: data.numel()] = data
         gathered = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.place.world_size)]
         dist.all_gather(gathered, padded)
-        sessions: list[dict[str, Any]] = []
+        # After a restart every replica holds every session, most of them untouched: keep the furthest copy of each.
+        sessions: dict[str, dict[str, Any]] = {}
         for tensor, length in zip(gathered, sizes):
-            sessions += json.loads(tensor[: int(length)].numpy().tobytes())
-        return sessions
+            for session in json.loads(tensor[: int(length)].numpy().tobytes()):
+                known = sessions.get(session["id"])
+                if known is None or session["last_step"] > known["last_step"]:
+                    sessions[session["id"]] = session
+        return list(sessions.values())
 
     def _by_dtype(self) -> dict[torch.dtype, list[torch.Tensor]]:
         """The state's tensors (parameters and buffers, sharing the model's storage) by dtype, in a fixed order."""

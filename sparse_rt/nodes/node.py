@@ -99,8 +99,8 @@ async def run_server_node(config: NodeConfig) -> dict[str, Any]:
     if config.checkpoint is not None:
         check_writable(config.checkpoint)
     if group is not None:
-        group.start()  # every replica from rank 0's state, before any edge is served
         group.saving = config.checkpoint is not None
+        group.start()  # every replica from rank 0's state, before any edge is served
 
     def write_checkpoint(path: Path) -> None:
         """The tail, its optimizer and the sessions: a group's are every replica's, gathered by its last round."""

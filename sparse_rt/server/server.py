@@ -270,11 +270,18 @@ class SplitServer:
         while True:
             item = await self._queue.get()
             if isinstance(item, Between):
-                try:
-                    item.done.set_result(await loop.run_in_executor(self._executor, item.call))
-                except Exception as exc:
-                    item.done.set_exception(exc)
-                    raise
+                if not (self._draining or item.done.done()):  # a stopping server holds no more rounds
+                    try:
+                        result = await loop.run_in_executor(self._executor, item.call)
+                    except Exception as exc:
+                        if not item.done.done():
+                            item.done.set_exception(exc)
+                        if not self._draining:
+                            raise
+                        log.warning("a call between steps failed while stopping: %s", exc)  # its peers stopped too
+                    else:
+                        if not item.done.done():  # its caller may have given up meanwhile (cancelled)
+                            item.done.set_result(result)
                 self._queue.task_done()
                 continue
             route, frames, header, queued = item

@@ -20,7 +20,6 @@ the socket.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -164,8 +163,6 @@ class Shaped(Layer):
 # What sessions are given: a socket, with or without layers around it.
 Transport = Connection | Layer
 
-MAX_PEERS = 100_000  # the edges a replica remembers the keys of (as many as a broker remembers edges)
-
 
 def is_local(address: str) -> bool:
     """Whether only this machine can reach ``address``: ipc://, inproc://, or tcp on a loopback interface."""
@@ -219,32 +216,25 @@ class Enveloped(Layer):
     without a route (the replica's heartbeat) goes to the broker itself.
     With CURVE the edge authenticated to the broker, not to the replica:
     the broker, itself authenticated to the replica, states the edge's key
-    in the envelope, and :meth:`peer_key` answers with it as a ROUTER's
-    User-Id would.
+    in each request's envelope. The route the server sees holds both, so
+    :meth:`peer_key` answers for that very message (as a ROUTER's User-Id
+    does), not for whoever last used the edge's routing id.
     """
 
     routed = True
 
-    def __init__(self, inner: Any) -> None:
-        super().__init__(inner)
-        self._keys: OrderedDict[bytes, str] = OrderedDict()  # edge -> its key, the least recently heard first
-
     async def send(self, frames: Sequence[Any], route: bytes | None = None) -> None:
-        await self.inner.send(list(frames) if route is None else [route, *frames])
+        await self.inner.send(list(frames) if route is None else [route[1:1 + route[0]], *frames])
 
     async def recv(self) -> tuple[bytes | None, list[zmq.Frame]]:
         while True:
             _, frames = await self.inner.recv()
-            if len(frames) >= 3:  # the edge's id, its key ('' without CURVE), its message; nothing else comes
-                route, key = frames[0].bytes, frames[1].bytes.decode("ascii", "replace")
-                self._keys[route] = key
-                self._keys.move_to_end(route)
-                while len(self._keys) > MAX_PEERS:
-                    self._keys.popitem(last=False)
-                return route, frames[2:]
+            edge = frames[0].bytes if frames else b""
+            if len(frames) >= 3 and 0 < len(edge) < 256:  # the edge's id, its key ('' without CURVE), its message
+                return bytes([len(edge)]) + edge + frames[1].bytes, frames[2:]
 
     def peer_key(self, route: bytes | None, frames: list[zmq.Frame]) -> str:
-        return self._keys.get(route, "") if route is not None else ""
+        return route[1 + route[0]:].decode("ascii", "replace") if route else ""
 
 
 def join_broker(context: zmq.asyncio.Context, address: str, max_message_bytes: int | None = None,
